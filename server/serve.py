@@ -1,0 +1,47 @@
+"""`specvlm serve`: the OpenAI-compatible HTTP server.
+
+    specvlm serve                                   # demo model on 127.0.0.1:8000
+    specvlm serve --model ./llava-ckpt --draft ./llava-draft --host 0.0.0.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    from server.cli import add_config_flags
+
+    parser = subparsers.add_parser("serve", help="run the HTTP server", description=__doc__)
+    add_config_flags(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.cli import config_from_args, setup_logging
+    from server.engine.engine import Engine
+    from server.metrics import Metrics
+
+    config = config_from_args(args)
+    setup_logging(config.log_level)
+    shown = config.model_dump()
+    if shown.get("api_key"):
+        shown["api_key"] = "***"
+    logger.info("resolved config: %s", shown)
+
+    engine = Engine(config)
+    metrics = Metrics(engine.model_name)
+    engine.metrics = metrics
+    engine.start()  # loads the models on the engine thread; /health is 503 until then
+    app = create_app(config, engine, metrics)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    finally:
+        engine.shutdown()
+    return 0
