@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,22 @@ def run(args: argparse.Namespace) -> int:
     engine.metrics = metrics
     engine.start()  # loads the models on the engine thread; /health is 503 until then
     app = create_app(config, engine, metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level))
+    threading.Thread(target=_stop_if_engine_dies, args=(engine, server), daemon=True).start()
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+        server.run()
     finally:
         engine.shutdown()
+    if not engine.alive:
+        logger.error("exiting because the engine failed: %s", engine.load_error)
+        return 1
     return 0
+
+
+def _stop_if_engine_dies(engine, server) -> None:
+    """Stop the HTTP server when the engine thread fails, so that the process exits non-zero."""
+    while not server.should_exit:
+        if not engine.alive:
+            server.should_exit = True
+            return
+        time.sleep(0.5)

@@ -1,0 +1,62 @@
+"""On the demo model in float32, speculative greedy output equals Hugging Face greedy generate."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from transformers import LlavaForConditionalGeneration
+
+from engine_helpers import joined, run_requests
+from server.config import ServerConfig
+from server.engine.engine import Engine
+from server.engine.types import SamplingParams
+
+pytestmark = pytest.mark.integration
+
+NEW_TOKENS = 64
+PHOTOS = {"astronaut": data.astronaut, "cat": data.chelsea, "coffee": data.coffee}
+QUESTIONS = ["What is shown in this picture?", "Write a short poem about the colors you see."]
+
+
+@pytest.fixture(scope="module")
+def engine(demo_paths):
+    config = ServerConfig(
+        model=str(demo_paths.target), draft=str(demo_paths.draft), dtype="float32", device="cpu",
+        max_num_seqs=3, max_model_len=1024,
+    )
+    engine = Engine(config)
+    engine.load()
+    engine.start(load=False)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(demo_paths):
+    return LlavaForConditionalGeneration.from_pretrained(demo_paths.target, dtype=torch.float32).eval()
+
+
+def _messages(photo: np.ndarray, question: str) -> list[dict]:
+    image = Image.fromarray(photo).convert("RGB")
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_speculative_matches_hf_greedy(engine, reference, question):
+    prompts = [engine.prepare(_messages(load(), question)) for load in PHOTOS.values()]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    results = run_requests(engine, [(prompt, params) for prompt in prompts])
+    for name, prompt, outputs in zip(PHOTOS, prompts, results):
+        ids = torch.tensor([prompt.token_ids])
+        with torch.inference_mode():
+            generated = reference.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt.pixel_values,
+                max_new_tokens=NEW_TOKENS, do_sample=False,
+            )
+        expected = generated[0, ids.shape[1]:].tolist()
+        text, last = joined(outputs)
+        ours = [token for output in outputs for token in output.token_ids]
+        assert ours == expected, f"token mismatch on {name}"
+        assert text == engine.target.tokenizer.decode(expected, skip_special_tokens=True)
+        assert last.completion_tokens == len(expected)
