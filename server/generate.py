@@ -15,7 +15,10 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     from server.cli import add_config_flags
 
-    parser = subparsers.add_parser("generate", help="answer one prompt locally", description=__doc__)
+    parser = subparsers.add_parser(
+        "generate", help="answer one prompt locally", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--image", type=Path, action="append", default=[], help="image file; repeat for several")
     parser.add_argument("--prompt", required=True, help="the user's question")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")

@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 def add_parser(subparsers) -> None:
     from server.cli import add_config_flags
 
-    parser = subparsers.add_parser("serve", help="run the HTTP server", description=__doc__)
+    parser = subparsers.add_parser(
+        "serve", help="run the HTTP server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_flags(parser)
     parser.set_defaults(handler=run)
 

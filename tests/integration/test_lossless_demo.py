@@ -60,3 +60,23 @@ def test_speculative_matches_hf_greedy(engine, reference, question):
         assert ours == expected, f"token mismatch on {name}"
         assert text == engine.target.tokenizer.decode(expected, skip_special_tokens=True)
         assert last.completion_tokens == len(expected)
+
+
+def test_decoder_logits_match_hf(engine, reference):
+    from draft_models.llama_layers import AttentionMask
+
+    prompt = engine.prepare(_messages(data.astronaut(), QUESTIONS[0]))
+    target = engine.target
+    token_ids = torch.tensor(prompt.token_ids)
+    count = len(prompt.token_ids)
+    cache = target.decoder.make_cache(num_slots=1, max_len=count)
+    zero = torch.zeros(1, dtype=torch.long)
+    mask = AttentionMask.build(zero, zero, zero, AttentionMask.causal(count, "cpu")[None])
+    with torch.inference_mode():
+        embeds = target.embed_prompt(token_ids, prompt.pixel_values)[None]
+        ours = target.decoder.logits(target.decoder(embeds, torch.arange(count)[None], cache, mask))[0]
+        expected = reference(
+            input_ids=token_ids[None], attention_mask=torch.ones(1, count, dtype=torch.long),
+            pixel_values=prompt.pixel_values,
+        ).logits[0].float()
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=1e-4)
