@@ -197,7 +197,7 @@ class AttentionMask:
 class KVCache:
     """Preallocated keys and values for `num_slots` sequences of up to `max_len` tokens.
 
-    Each layer holds `[num_slots, kv_heads, max_len, head_dim]` tensors. Lengths are kept
+    Each layer has `[num_slots, kv_heads, max_len, head_dim]` tensors. Lengths are kept
     by the caller (the scheduler), so the cache is only storage plus a compaction helper.
     """
 

@@ -321,7 +321,7 @@ class Engine:
     def _push(self, request: _Request, output: RequestOutput) -> None:
         try:
             request.loop.call_soon_threadsafe(request.outputs.put_nowait, output)
-        except RuntimeError:  # the client's event loop is closed; nobody is listening
+        except RuntimeError:  # the client's event loop is closed, so the output is dropped
             logger.debug("dropping output of request %s: event loop closed", request.request_id)
 
     def _update_gauges(self) -> None:

@@ -1,8 +1,8 @@
 """One speculative step for a batch of slots: draft tree, verify, accept, commit.
 
-Cache invariant per slot: the target and draft caches both hold `cache_len` committed
-positions; the last committed token (the root of the next tree) is not in either cache
-yet, and `root_hidden` is the draft's prediction of the root's feature.
+Cache invariant per slot: the target and draft caches both contain `cache_len` committed
+positions. The last committed token (the root of the next tree) is in neither cache yet,
+and `root_hidden` is the draft's prediction of the root's feature.
 """
 
 from __future__ import annotations

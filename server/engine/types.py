@@ -2,7 +2,7 @@
 
 The API layer builds a `PreparedPrompt` (through `Engine.prepare`) and `SamplingParams`,
 submits them, and reads `RequestOutput` items from the returned stream. Nothing here
-holds a model or touches torch beyond carrying the image tensor.
+contains a model; torch appears only as the type of the image tensor.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class RequestOutput:
 
 
 class EngineClient(typing.Protocol):
-    """What the HTTP layer needs from the engine; `server.engine.Engine` implements it.
+    """Engine interface used by the HTTP layer; `server.engine.engine.Engine` implements it.
 
     `messages` given to `prepare` are chat messages whose content is a string or a list
     of parts `{"type": "text", "text": str}` and `{"type": "image", "image": PIL.Image}`.
