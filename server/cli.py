@@ -16,6 +16,8 @@ import sys
 import types
 import typing
 
+from pydantic import ValidationError
+
 from server import __version__
 from server.config import ServerConfig
 
@@ -77,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"--{'-'.join(str(part) for part in item['loc']).replace('_', '-')}: {item['msg']}"
+            for item in error.errors()
+        )
+        parser.exit(2, f"specvlm {args.command}: error: invalid setting ({problems})\n")
 
 
 if __name__ == "__main__":

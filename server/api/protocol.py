@@ -211,7 +211,7 @@ def _check_messages(messages: list[ChatMessage]) -> None:
             if part.type == "image_url" and message.role != "user":
                 raise APIError(
                     400,
-                    f"'{param}' is an image in a {message.role} message. Images are accepted in user messages only.",
+                    f"'{param}' is an image in a message with role {message.role!r}. Images are accepted in user messages only.",
                     param=param,
                     code="invalid_value",
                 )
