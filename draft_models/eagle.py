@@ -6,6 +6,14 @@ embedding, runs one decoder layer of the target's family (with an input RMSNorm,
 SpecVLM adds to EAGLE's layer), and predicts `f[i+1]`. Logits come from the target's LM
 head. Embedding and LM head are borrowed from the target at load time, never copied.
 
+Two optional changes from FSPAD, recorded in the checkpoint (variant "fspad" has both):
+- feature sampling: the fusion becomes `h0 = fc(concat(e, f))`,
+  `h = h0 + W_down(SiLU(W_gate e) * W_up RMSNorm(h0))`, so the token gates a SwiGLU over
+  the fused feature;
+- partial alignment: the layer's MLP outputs 2H. The first half feeds the LM head (and is
+  trained by cross-entropy only), the second half is the predicted feature (trained by
+  the feature loss only) and is what drafting feeds back as the next input feature.
+
 A checkpoint is a folder with `config.json` and `model.safetensors`. The config names
 the target it was trained for, including a fingerprint of the target's embedding, so a
 draft cannot be paired with the wrong target by accident.
@@ -24,10 +32,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from draft_models.llama_layers import (
+    MLP,
     AttentionMask,
     DecoderLayer,
     KVCache,
     LayerSpec,
+    RMSNorm,
     layer_spec_for,
     read_safetensors,
     rope_inv_freq,
@@ -55,12 +65,25 @@ class EagleConfig:
     target_name: str
     target_fingerprint: str
     architecture: str = "eagle"
+    feature_sampling: bool = False
+    partial_alignment: bool = False
     extra: dict = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        if self.feature_sampling and self.partial_alignment:
+            return "fspad"
+        if self.feature_sampling or self.partial_alignment:
+            return "eagle+" + ("feature_sampling" if self.feature_sampling else "partial_alignment")
+        return "eagle"
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "architecture": self.architecture,
+                "variant": self.variant,
+                "feature_sampling": self.feature_sampling,
+                "partial_alignment": self.partial_alignment,
                 "layer": self.layer.to_dict(),
                 "vocab_size": self.vocab_size,
                 "target": {"name": self.target_name, "embedding_fingerprint": self.target_fingerprint},
@@ -72,26 +95,62 @@ class EagleConfig:
     @classmethod
     def from_file(cls, path: Path) -> "EagleConfig":
         data = json.loads(path.read_text())
-        known = {"architecture", "layer", "vocab_size", "target"}
+        known = {"architecture", "variant", "feature_sampling", "partial_alignment", "layer", "vocab_size", "target"}
         return cls(
             layer=LayerSpec(**data["layer"]),
             vocab_size=data["vocab_size"],
             target_name=data["target"]["name"],
             target_fingerprint=data["target"]["embedding_fingerprint"],
             architecture=data.get("architecture", "eagle"),
+            feature_sampling=bool(data.get("feature_sampling", False)),
+            partial_alignment=bool(data.get("partial_alignment", False)),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
 
+class FeatureSampling(nn.Module):
+    """FSPAD's token-gated SwiGLU over the fused feature, added to it as a residual."""
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        hidden = spec.hidden_size
+        self.norm = RMSNorm(hidden, spec.rms_norm_eps)
+        self.gate_proj = nn.Linear(hidden, hidden, bias=False)
+        self.up_proj = nn.Linear(hidden, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, fused: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        gate = torch.nn.functional.silu(self.gate_proj(token_embeds))
+        return fused + self.down_proj(gate * self.up_proj(self.norm(fused)))
+
+
+class PartialAlignmentLayer(DecoderLayer):
+    """A decoder layer whose MLP outputs [LM-head half, feature half], each with its own residual."""
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__(spec)
+        self.mlp = MLP(spec, output_size=2 * spec.hidden_size)
+
+    def forward(self, x, rotary, cache: KVCache, layer: int, mask: AttentionMask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, cache, layer, mask)
+        return torch.cat((x, x), dim=-1) + self.mlp(self.post_attention_layernorm(x))
+
+
 class EagleDraft(nn.Module):
-    """One fused-input decoder layer that predicts the target's next feature."""
+    """One fused-input decoder layer that predicts the target's next feature.
+
+    `forward` returns the draft's raw output: [..., hidden], or [..., 2 * hidden] with
+    partial alignment. Read it through `logits` and `next_feature`, never directly.
+    """
 
     def __init__(self, config: EagleConfig):
         super().__init__()
         self.config = config
         hidden = config.layer.hidden_size
+        self.hidden_size = hidden
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
-        self.layer = DecoderLayer(config.layer)
+        self.feature_sampling = FeatureSampling(config.layer) if config.feature_sampling else None
+        self.layer = PartialAlignmentLayer(config.layer) if config.partial_alignment else DecoderLayer(config.layer)
         self.register_buffer("inv_freq", rope_inv_freq(config.layer), persistent=False)
         # Borrowed from the target; kept out of this module's parameters and state dict.
         self._target_modules: tuple[nn.Embedding, nn.Linear] | None = None
@@ -120,13 +179,20 @@ class EagleDraft(nn.Module):
         cache: KVCache,
         mask: AttentionMask,
     ) -> torch.Tensor:
-        """Return the predicted next features [batch, num_new, hidden]."""
+        """Return the raw draft output at each position (see the class docstring)."""
         fused = self.fc(torch.cat((input_embeds, features.to(input_embeds.dtype)), dim=-1))
+        if self.feature_sampling is not None:
+            fused = self.feature_sampling(fused, input_embeds)
         rotary = rotary_tables(self.inv_freq, positions, fused.dtype)
         return self.layer(fused, rotary, cache, 0, mask)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def logits(self, output: torch.Tensor) -> torch.Tensor:
+        """Return float32 next-token logits from the draft output."""
+        return self.lm_head(output[..., : self.hidden_size]).float()
+
+    def next_feature(self, output: torch.Tensor) -> torch.Tensor:
+        """Return the predicted next feature, which drafting feeds back as the next input."""
+        return output[..., -self.hidden_size :]
 
 
 def save_draft(draft: EagleDraft, folder: str | Path) -> None:
@@ -177,10 +243,22 @@ def load_draft(
     return draft
 
 
-def new_draft_for(layer: LayerSpec, vocab_size: int, target_name: str, fingerprint: str, seed: int = 0) -> EagleDraft:
+def new_draft_for(
+    layer: LayerSpec,
+    vocab_size: int,
+    target_name: str,
+    fingerprint: str,
+    seed: int = 0,
+    feature_sampling: bool = False,
+    partial_alignment: bool = False,
+) -> EagleDraft:
     """Create an untrained draft with a deterministic initialisation (normal, std 0.02)."""
     generator = torch.Generator().manual_seed(seed)
-    draft = EagleDraft(EagleConfig(layer, vocab_size, target_name, fingerprint))
+    config = EagleConfig(
+        layer, vocab_size, target_name, fingerprint,
+        feature_sampling=feature_sampling, partial_alignment=partial_alignment,
+    )
+    draft = EagleDraft(config)
     for name, parameter in draft.named_parameters():
         with torch.no_grad():
             if name.endswith("norm.weight"):
@@ -192,7 +270,13 @@ def new_draft_for(layer: LayerSpec, vocab_size: int, target_name: str, fingerpri
     return draft
 
 
-def write_initial_draft(target_path: str | Path, draft_path: str | Path, seed: int = 0) -> None:
+def write_initial_draft(
+    target_path: str | Path,
+    draft_path: str | Path,
+    seed: int = 0,
+    feature_sampling: bool = False,
+    partial_alignment: bool = False,
+) -> None:
     """Write an untrained draft checkpoint shaped for the target at `target_path`."""
     from transformers import AutoConfig
 
@@ -202,7 +286,8 @@ def write_initial_draft(target_path: str | Path, draft_path: str | Path, seed: i
     tensors = read_safetensors(target_path)
     embedding = next(value for key, value in tensors.items() if key.endswith("embed_tokens.weight"))
     draft = new_draft_for(
-        layer_spec_for(text_config), embedding.shape[0], target_path.name, embedding_fingerprint(embedding), seed
+        layer_spec_for(text_config), embedding.shape[0], target_path.name, embedding_fingerprint(embedding), seed,
+        feature_sampling=feature_sampling, partial_alignment=partial_alignment,
     )
     save_draft(draft, draft_path)
     logger.info("wrote an untrained draft for %s to %s", target_path, draft_path)

@@ -2,7 +2,8 @@
 
 Cache invariant per slot: the target and draft caches both contain `cache_len` committed
 positions. The last committed token (the root of the next tree) is in neither cache yet,
-and `root_hidden` is the draft's prediction of the root's feature.
+and `root_hidden` is the draft's output at the position before the root (it predicts
+the root's feature and, through the LM head, the root's children).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class SlotState:
     slot: int
     cache_len: int
     root_token: int
-    root_hidden: torch.Tensor | None = None  # [hidden]
+    root_hidden: torch.Tensor | None = None  # [draft output size]
 
 
 @dataclass

@@ -80,7 +80,7 @@ def build_draft_tree(
     slots: torch.Tensor,  # [batch]
     cache_len: torch.Tensor,  # [batch] committed draft positions; the root sits at cache_len
     root_tokens: torch.Tensor,  # [batch]
-    root_hidden: torch.Tensor,  # [batch, hidden] draft output predicting the root's feature
+    root_hidden: torch.Tensor,  # [batch, draft output size] draft output at the position before the root
     depth: int,
     top_k: int,
     total_tokens: int,
@@ -92,7 +92,7 @@ def build_draft_tree(
     log_probs = torch.log_softmax(draft.logits(root_hidden), dim=-1)  # [batch, vocab]
     frontier_scores, frontier_tokens = log_probs.topk(k, dim=-1)  # [batch, k]
     frontier_ids = torch.arange(k, device=device).expand(batch, k)  # candidate index of each frontier node
-    frontier_inputs = root_hidden[:, None].expand(batch, k, -1)  # feature paired with each frontier token
+    frontier_inputs = draft.next_feature(root_hidden)[:, None].expand(batch, k, -1)  # feature paired with each token
     visible = torch.eye(k, dtype=torch.bool, device=device).expand(batch, k, k)  # over the scratch region
 
     candidate_tokens, candidate_scores = [frontier_tokens], [frontier_scores]
@@ -116,7 +116,8 @@ def build_draft_tree(
             parent_slot = chosen // k  # which frontier node each chosen child came from
             frontier_tokens = child_tokens.gather(1, chosen)
             frontier_ids = num_candidates + chosen
-            frontier_inputs = hidden.gather(1, parent_slot[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            parent_features = draft.next_feature(hidden)
+            frontier_inputs = parent_features.gather(1, parent_slot[:, :, None].expand(-1, -1, parent_features.shape[-1]))
             inherited = visible.gather(1, parent_slot[:, :, None].expand(-1, -1, visible.shape[-1]))
             own = torch.eye(k, dtype=torch.bool, device=device).expand(batch, k, k)
             visible = torch.cat((inherited, own), dim=-1)

@@ -56,6 +56,9 @@ class OracleDraft(nn.Module):
             hidden.view(-1, self.hidden_size)[index, 0] = self.next_token.get(token, 0)
         return hidden
 
+    def next_feature(self, hidden):
+        return hidden
+
     def logits(self, hidden):
         predicted = hidden[..., 0].long()
         return torch.nn.functional.one_hot(predicted, self.vocab_size).float() * 20.0

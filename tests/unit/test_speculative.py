@@ -24,6 +24,18 @@ def checkpoint(tmp_path_factory):
     return target, root / "draft"
 
 
+@pytest.fixture(scope="module", params=["feature_sampling", "partial_alignment", "fspad"])
+def variant_checkpoint(request, checkpoint, tmp_path_factory):
+    """The tiny target with an untrained draft of each FSPAD variant."""
+    folder = tmp_path_factory.mktemp("draft") / request.param
+    write_initial_draft(
+        checkpoint[0], folder, seed=3,
+        feature_sampling=request.param in ("feature_sampling", "fspad"),
+        partial_alignment=request.param in ("partial_alignment", "fspad"),
+    )
+    return checkpoint[0], folder
+
+
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     return LlavaForConditionalGeneration.from_pretrained(checkpoint[0], dtype=torch.float32).eval()
@@ -146,5 +158,17 @@ def test_max_tokens_inside_accepted_tokens(checkpoint, reference):
         assert last.finish_reason == "length"
         assert generated_ids(outputs) == expected[:7]
         assert last.completion_tokens == 7
+    finally:
+        engine.shutdown()
+
+
+def test_fspad_variants_match_hf(variant_checkpoint, reference):
+    engine = make_engine(variant_checkpoint)
+    try:
+        assert engine.decoder.draft is not None
+        prompt = engine.prepare(messages(*PROMPTS[1]))
+        outputs = run_requests(engine, [(prompt, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))])[0]
+        joined(outputs)
+        assert generated_ids(outputs) == hf_greedy(reference, engine, prompt)
     finally:
         engine.shutdown()
