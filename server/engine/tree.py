@@ -1,9 +1,9 @@
 """EAGLE-2 dynamic draft tree: expand by confidence, then keep the best nodes.
 
 Worked example with top_k = 2, depth = 2, total_tokens = 4 (root + 3 nodes). Level 1
-takes the root's two likeliest tokens, A (log-prob -0.1) and B (-0.9). Expanding both
-gives four candidates: AC (-0.1 - 0.2 = -0.3), AD (-1.1), BE (-1.0), BF (-2.0).
-Reranking keeps the 3 best by path score: A (-0.1), AC (-0.3), B (-0.9). The nodes,
+takes the root's two likeliest tokens, A (log-prob -0.2) and B (-1.9). Expanding both
+gives four candidates: AC (-0.2 - 0.1 = -0.3), AD (-2.7), BE (-2.1), BF (-3.7).
+Reranking keeps the 3 best by path score: A (-0.2), AC (-0.3), B (-1.9). The nodes,
 stored parent before child:
 
     index   0     1   2   3
@@ -11,12 +11,14 @@ stored parent before child:
     parent  -1    0   0   1
     depth   0     1   1   2
 
-and the ancestor mask (row i sees column j when j is i or an ancestor of i):
+the ancestor mask (row i attends to column j when j is i or an ancestor of i):
 
     root  1 0 0 0
     A     1 1 0 0
     B     1 0 1 0
     C     1 1 0 1
+
+and the root-to-leaf paths, padded with -1: [0, 1, 3] (root, A, C) and [0, 2, -1] (root, B).
 
 A child's score never exceeds its parent's (log-probabilities are <= 0) and ties keep
 the parent first, so the kept set is always connected.
@@ -40,11 +42,23 @@ class DraftTree:
     tokens: torch.Tensor  # [batch, num_nodes]; node 0 is the root (last committed token)
     parents: torch.Tensor  # [batch, num_nodes]; -1 for the root
     depths: torch.Tensor  # [batch, num_nodes]; 0 for the root
-    ancestors: torch.Tensor  # [batch, num_nodes, num_nodes] bool; a node sees itself and its ancestors
+    ancestors: torch.Tensor  # [batch, num_nodes, num_nodes] bool; a node attends to itself and its ancestors
 
     @property
     def num_nodes(self) -> int:
         return self.tokens.shape[1]
+
+    def paths(self, row: int) -> list[list[int]]:
+        """Return the root-to-leaf node paths of one tree, leaves in node order, padded with -1."""
+        parents = self.parents[row].tolist()
+        has_child = set(parents)
+        leaves = [node for node in range(len(parents)) if node not in has_child]
+        width = int(self.depths[row].max()) + 1
+        paths = []
+        for leaf in leaves:
+            path = torch.nonzero(self.ancestors[row, leaf]).flatten().tolist()
+            paths.append(path + [-1] * (width - len(path)))
+        return paths
 
 
 def root_only_tree(root_tokens: torch.Tensor) -> DraftTree:
