@@ -41,8 +41,12 @@ class ServerConfig(BaseSettings):
     # Draft tree (EAGLE-2 dynamic tree). depth counts draft levels exactly.
     tree_depth: int = Field(4, ge=1, le=16, description="Draft levels per step.")
     tree_top_k: int = Field(4, ge=1, le=32, description="Children kept per expanded node and frontier width.")
-    tree_total_tokens: int = Field(
-        16, ge=2, le=256, description="Tree nodes verified per step, root included."
+    tree_total_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Tree nodes verified per step, root included. Default: measured at start-up for this "
+        "device and draft (1 turns drafting off).",
     )
 
     # Capacity

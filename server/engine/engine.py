@@ -27,6 +27,7 @@ from server.engine.loading import DEMO_DESCRIPTION, DEMO_MODEL_NAME, load_models
 from server.engine.prompt import PromptBuilder
 from server.engine.speculative import SlotState, SpeculativeDecoder
 from server.engine.target import TargetModel
+from server.engine.tree_size import CALIBRATION_PROMPT, choose_tree_size
 from server.engine.types import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -80,6 +81,7 @@ class Engine:
         self.target: TargetModel | None = None
         self.decoder: SpeculativeDecoder | None = None
         self.prompts: PromptBuilder | None = None
+        self.tree_size_choice = None
 
     # ----- lifecycle -------------------------------------------------------------------
 
@@ -88,17 +90,35 @@ class Engine:
         self.target, draft, self.model_name, self.model_description = load_models(self.config)
         self.max_model_len = min(self.config.max_model_len or self.target.max_position_embeddings,
                                  self.target.max_position_embeddings)
+        total_tokens = self.config.tree_total_tokens or 2 * self.config.tree_top_k
         self.decoder = SpeculativeDecoder(
             self.target, draft, self.config.max_num_seqs, self.max_model_len,
-            self.config.tree_depth, self.config.tree_top_k, self.config.tree_total_tokens,
+            self.config.tree_depth, self.config.tree_top_k, total_tokens,
         )
         self.prompts = PromptBuilder(self.target, self.max_model_len)
+        if draft is not None and self.config.tree_total_tokens is None:
+            self._choose_tree_size()
         self._detokenizer_tokenizer = copy.deepcopy(self.target.tokenizer)
         logger.info(
             "engine ready: model %s, draft %s, %d slots of %d tokens, KV cache %.1f MiB",
             self.model_name, "on" if draft is not None else "off", self.config.max_num_seqs,
             self.max_model_len, self.decoder.kv_cache_bytes() / 2**20,
         )
+
+    def _choose_tree_size(self) -> None:
+        calibration = self.prompts.build([{"role": "user", "content": CALIBRATION_PROMPT}])
+        choice = choose_tree_size(self.decoder, calibration.token_ids)
+        for size, verify, committed, rate in choice.table:
+            logger.info("tree size %3d: verify %.1f ms, expected %.2f tokens per step, %.1f tokens/s",
+                        size, verify * 1000, committed, rate)
+        if choice.total_tokens == 1:
+            logger.warning("drafting off: on this device the draft's expected gain does not pay for its cost "
+                           "(set --tree-total-tokens to force a tree)")
+            self.decoder.draft = None
+        else:
+            logger.info("chose a draft tree of %d tokens (override with --tree-total-tokens)", choice.total_tokens)
+            self.decoder.total_tokens = choice.total_tokens
+        self.tree_size_choice = choice
 
     def start(self, load: bool = True) -> None:
         """Start the engine thread; with `load`, the models load on that thread first."""

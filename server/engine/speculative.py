@@ -42,8 +42,11 @@ class SpeculativeDecoder:
         self.target = target
         self.draft = draft
         self.depth, self.top_k, self.total_tokens = depth, top_k, total_tokens
-        # Room past the context for the scratch nodes a step writes after the committed tokens.
-        margin = max(total_tokens, depth * top_k) + 1
+        # Room past the context for the nodes a step writes after the committed tokens: the
+        # largest tree these depth and top_k can make (so the tree size may change later),
+        # and the draft's scratch levels.
+        self.max_tree_tokens = min(1 + top_k + (depth - 1) * top_k * top_k, 256)
+        margin = max(total_tokens, self.max_tree_tokens, depth * top_k) + 1
         self.capacity = max_model_len + margin
         self.target_cache = target.decoder.make_cache(num_slots, self.capacity)
         self.draft_cache = draft.make_cache(num_slots, self.capacity) if draft is not None else None

@@ -43,6 +43,7 @@ class DraftTree:
     parents: torch.Tensor  # [batch, num_nodes]; -1 for the root
     depths: torch.Tensor  # [batch, num_nodes]; 0 for the root
     ancestors: torch.Tensor  # [batch, num_nodes, num_nodes] bool; a node attends to itself and its ancestors
+    scores: torch.Tensor | None = None  # [batch, num_nodes] path log-probability under the draft; root 0
 
     @property
     def num_nodes(self) -> int:
@@ -168,4 +169,5 @@ def _rerank(root_tokens, tokens, scores, parents, depths, keep: int, depth: int)
         parents=all_parents,
         depths=torch.cat((root_column, depths.gather(1, kept)), 1),
         ancestors=ancestor_mask(all_parents, depth),
+        scores=torch.cat((root_column.float(), scores.gather(1, kept)), 1),
     )

@@ -23,7 +23,7 @@ QUESTIONS = ["What is shown in this picture?", "Write a short poem about the col
 def engine(demo_paths):
     config = ServerConfig(
         model=str(demo_paths.target), draft=str(demo_paths.draft), dtype="float32", device="cpu",
-        max_num_seqs=3, max_model_len=1024,
+        max_num_seqs=3, max_model_len=1024, tree_total_tokens=16,
     )
     engine = Engine(config)
     engine.load()

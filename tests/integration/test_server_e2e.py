@@ -174,6 +174,9 @@ def server(demo_paths, tmp_path_factory) -> Iterator[ServerProcess]:
             "--dtype", "float32",
             "--max-model-len", str(MAX_MODEL_LEN),
             "--max-image-pixels", str(MAX_IMAGE_PIXELS),
+            # A fixed tree: the start-up tuning may switch an untrained draft off, and
+            # these tests read the speculation counters.
+            "--tree-total-tokens", "16",
         ],
         log_path,
     )

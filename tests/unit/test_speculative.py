@@ -43,7 +43,9 @@ def reference(checkpoint):
 
 def make_engine(checkpoint, **overrides) -> Engine:
     target, draft = checkpoint
-    settings = dict(model=str(target), draft=str(draft), dtype="float32", device="cpu", max_model_len=256)
+    settings = dict(
+        model=str(target), draft=str(draft), dtype="float32", device="cpu", max_model_len=256, tree_total_tokens=8
+    )
     settings.update(overrides)
     engine = Engine(ServerConfig(**settings))
     engine.load()
