@@ -56,6 +56,7 @@ class _Request:
     spec_steps: int = 0
     spec_accepted: int = 0
     finished: bool = False
+    unsent_token_ids: list[int] = field(default_factory=list)  # counted, but their text is held back
 
 
 class Engine:
@@ -319,10 +320,12 @@ class Engine:
                 self.metrics.on_first_token(now - request.arrival)
             self.metrics.on_tokens(count, 0.0 if request.last_emit is None else now - request.last_emit)
         request.last_emit = now
+        request.unsent_token_ids.extend(tokens[:count])
         if finish is not None:
-            self._finish(request, finish, text, tokens[:count])
+            self._finish(request, finish, text, request.unsent_token_ids)
         elif text:
-            self._push(request, RequestOutput(request.request_id, text=text, token_ids=tokens[:count]))
+            self._push(request, RequestOutput(request.request_id, text=text, token_ids=request.unsent_token_ids))
+            request.unsent_token_ids = []
         return count
 
     def _finish(self, request: _Request, reason: str, text: str, tokens: list[int]) -> None:

@@ -70,7 +70,7 @@ def text_config(vocab_size: int, **overrides) -> LlamaConfig:
     return LlamaConfig(**settings)
 
 
-def build_tiny_llava(folder: Path, seed: int = 0, **text_overrides) -> Path:
+def build_tiny_llava(folder: Path, seed: int = 0, init_std: float = 0.15, **text_overrides) -> Path:
     """Save a random LLaVA checkpoint with its processor into `folder` and return it."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
@@ -88,9 +88,9 @@ def build_tiny_llava(folder: Path, seed: int = 0, **text_overrides) -> Path:
     )
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # larger weights than the default init, so logits are not near-uniform
-        for parameter in model.model.language_model.parameters():
+        for parameter in [*model.model.language_model.parameters(), model.lm_head.weight]:
             if parameter.dim() == 2:
-                parameter.normal_(0, 0.15)
+                parameter.normal_(0, init_std)
     model.save_pretrained(folder)
     processor = LlavaProcessor(
         image_processor=SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
