@@ -1,0 +1,159 @@
+"""Online logit distillation: the frozen target as teacher, and the draft's loss.
+
+For a sequence with target features f, input embeddings e (visual tokens included) and
+tokens t, the draft at position i reads (e[i + 1], f[i] + noise) and its output predicts
+f[i + 1]. The loss at position i is
+
+    feature_weight * SmoothL1(next_feature(out_i), f[i + 1])
+    + ce_weight * softCE(logits(out_i), softmax(target logits at i + 1))
+
+(weights 1.0 and 0.1 by default), averaged over the positions whose predicted token
+t[i + 2] is an assistant token. With partial alignment the two terms reach different
+halves of the draft output, because `logits` and `next_feature` read different halves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draft_models.eagle import EagleDraft
+from draft_models.llama_layers import AttentionMask, KVCache
+from draft_models.training.data import Batch
+
+# Uniform feature noise as in EAGLE's training code: (U - 0.5) * NOISE_SCALE * 512 / seq_len.
+NOISE_SCALE = 0.2
+NOISE_REFERENCE_LENGTH = 512
+
+
+@dataclass
+class TeacherOutput:
+    input_embeds: torch.Tensor  # [batch, max_len, hidden] draft dtype, visual tokens included, 0 on padding
+    features: torch.Tensor  # [batch, max_len, hidden] target dtype
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor  # scalar, what backward runs on
+    feature: torch.Tensor  # scalar, SmoothL1 term before weighting
+    cross_entropy: torch.Tensor  # scalar, soft cross-entropy before weighting
+    accuracy: torch.Tensor  # scalar, draft top-1 == target top-1 at the counted positions
+    num_positions: int
+
+
+class Teacher:
+    """Runs the frozen target over a padded batch and returns its features.
+
+    The KV cache is kept between batches and grown when a batch needs more rows or length.
+    """
+
+    def __init__(self, target, draft_dtype: torch.dtype):
+        self.target = target
+        self.draft_dtype = draft_dtype
+        self.cache: KVCache | None = None
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> TeacherOutput:
+        device = self.target.device
+        rows, max_len = batch.token_ids.shape
+        hidden = self.target.hidden_size
+        embeds = torch.zeros(rows, max_len, hidden, dtype=self.target.dtype, device=device)
+        for row, (length, pixel_values) in enumerate(zip(batch.lengths, batch.pixel_values)):
+            # embed_prompt returns inference-mode tensors; copying them into `embeds` makes normal ones.
+            embeds[row, :length] = self.target.embed_prompt(batch.token_ids[row, :length], pixel_values)
+
+        if self.cache is None or self.cache.num_slots < rows or self.cache.max_len < max_len:
+            self.cache = None  # free the old cache before allocating the new one
+            self.cache = self.target.decoder.make_cache(rows, max_len)
+        slots = torch.arange(rows, device=device)
+        zeros = torch.zeros(rows, dtype=torch.long, device=device)
+        causal = AttentionMask.causal(max_len, device).expand(rows, max_len, max_len)
+        mask = AttentionMask.build(slots, zeros, zeros, causal)
+        positions = torch.arange(max_len, device=device).expand(rows, max_len)
+        features = self.target.decoder(embeds, positions, self.cache, mask)
+        return TeacherOutput(embeds.to(self.draft_dtype), features)
+
+
+class TeacherForcedDraft(nn.Module):
+    """The draft over whole sequences at once: a fresh cache, a causal mask, positions from 0.
+
+    This is the module that DistributedDataParallel wraps, so that its forward takes tensors only.
+    """
+
+    def __init__(self, draft: EagleDraft):
+        super().__init__()
+        self.draft = draft
+
+    def forward(
+        self,
+        input_embeds: torch.Tensor,  # [batch, num_positions, hidden] e[i + 1]
+        features: torch.Tensor,  # [batch, num_positions, hidden] f[i] (with noise)
+    ) -> torch.Tensor:
+        """Return the raw draft output [batch, num_positions, output size]."""
+        rows, count, _ = input_embeds.shape
+        device = input_embeds.device
+        cache = self.draft.make_cache(rows, count)  # fresh: autograd must not chain steps through a reused cache
+        zeros = torch.zeros(rows, dtype=torch.long, device=device)
+        causal = AttentionMask.causal(count, device).expand(rows, count, count)
+        mask = AttentionMask.build(torch.arange(rows, device=device), zeros, zeros, causal)
+        positions = torch.arange(count, device=device).expand(rows, count)
+        return self.draft(input_embeds, features, positions, cache, mask)
+
+
+def feature_noise(features: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Return uniform noise shaped like `features`, scaled by 512 / seq_len.
+
+    Like EAGLE, seq_len is the padded length of the batch, not each row's own length.
+    """
+    scale = NOISE_SCALE * NOISE_REFERENCE_LENGTH / seq_len
+    return (torch.rand_like(features) - 0.5) * scale
+
+
+def draft_inputs(teacher: TeacherOutput, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the draft's (e[i + 1], f[i]) for i in [0, max_len - 1), each [batch, max_len - 1, hidden]."""
+    features = teacher.features[:, :-1].to(teacher.input_embeds.dtype)
+    if noise:
+        features = features + feature_noise(features, teacher.features.shape[1])
+    return teacher.input_embeds[:, 1:], features
+
+
+def loss_positions(assistant_mask: torch.Tensor) -> torch.Tensor:
+    """Return the bool mask [batch, max_len - 1] of draft positions i whose token i + 2 is an assistant token."""
+    counted = torch.zeros(assistant_mask.shape[0], assistant_mask.shape[1] - 1, dtype=torch.bool)
+    counted[:, :-1] = assistant_mask[:, 2:]
+    return counted
+
+
+def distillation_loss(
+    draft: EagleDraft,
+    output: torch.Tensor,  # [batch, max_len - 1, output size] draft output at positions i
+    teacher: TeacherOutput,
+    target_logits,  # callable: target features [n, hidden] -> float32 logits [n, vocab]
+    assistant_mask: torch.Tensor,  # [batch, max_len] bool
+    feature_weight: float = 1.0,
+    ce_weight: float = 0.1,
+) -> LossTerms:
+    """Return the weighted feature + soft cross-entropy loss over the counted positions.
+
+    Logits are computed at the counted positions only, since the vocabulary is large.
+    """
+    counted = loss_positions(assistant_mask).to(output.device)
+    num_positions = int(counted.sum())
+    if num_positions == 0:
+        zero = output.sum() * 0.0  # keeps every parameter in the graph, so DDP still reduces
+        return LossTerms(zero, zero.detach(), zero.detach(), zero.detach(), 0)
+
+    draft_out = output[counted]  # [n, output size]
+    next_features = teacher.features[:, 1:][counted]  # [n, hidden] f[i + 1], target dtype
+    with torch.no_grad():
+        target_probs = torch.softmax(target_logits(next_features), dim=-1)  # [n, vocab]
+    predicted = draft.next_feature(draft_out)
+    feature = F.smooth_l1_loss(predicted, next_features.to(predicted.dtype))
+    logits = draft.logits(draft_out)  # [n, vocab] float32
+    cross_entropy = -(target_probs * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    accuracy = (logits.argmax(-1) == target_probs.argmax(-1)).float().mean()
+    total = feature_weight * feature + ce_weight * cross_entropy
+    return LossTerms(total, feature.detach(), cross_entropy.detach(), accuracy.detach(), num_positions)
