@@ -68,11 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"specvlm {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
 
-    from server import demo_model, generate, serve
+    from draft_models.training import cli as train_draft
+    from server import demo_model, generate, self_distill, serve
 
     serve.add_parser(subparsers)
     generate.add_parser(subparsers)
     demo_model.add_parser(subparsers)
+    self_distill.add_parser(subparsers)
+    train_draft.add_parser(subparsers)
     return parser
 
 
