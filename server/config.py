@@ -54,7 +54,7 @@ class ServerConfig(BaseSettings):
     max_model_len: int | None = Field(
         4096, ge=64, description="Context length in tokens (prompt + output); capped by the model's own limit."
     )
-    max_queue_len: int = Field(64, ge=0, description="Requests waiting for a slot before new ones get 429.")
+    max_waiting_requests: int = Field(64, ge=0, description="Requests waiting for a slot before new ones get 429.")
 
     # HTTP
     host: str = Field("127.0.0.1", description="Address to bind.")

@@ -440,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
     # Twice the slots keeps a prepared request waiting for each slot; the engine's queue
     # limit must admit all of them. --speculative and --max-num-seqs reach the config by name.
     concurrency = 2 * args.max_num_seqs
-    args.max_queue_len = concurrency
+    args.max_waiting_requests = concurrency
     config = config_from_args(args)
     setup_logging(config.log_level if args.log_level else "warning")
     try:

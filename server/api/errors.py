@@ -73,7 +73,7 @@ def to_api_error(exc: BaseException) -> APIError:
             message += "."
         return APIError(
             429,
-            f"{message} Retry after {RETRY_AFTER_SECONDS} s, or raise --max-queue-len on the server.",
+            f"{message} Retry after {RETRY_AFTER_SECONDS} s, or raise --max-waiting-requests on the server.",
             type=RATE_LIMIT,
             code="queue_full",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},

@@ -157,9 +157,10 @@ class Engine:
         if not self.ready:
             raise EngineError("the engine is not ready; retry when /health returns 200")
         with self._lock:
-            if self._num_waiting >= self.config.max_queue_len:
+            if self._num_waiting >= self.config.max_waiting_requests:
                 raise QueueFullError(
-                    f"{self._num_waiting} requests are waiting (max_queue_len {self.config.max_queue_len}); retry later"
+                    f"{self._num_waiting} requests are waiting (--max-waiting-requests "
+                    f"{self.config.max_waiting_requests}); retry later"
                 )
             self._num_waiting += 1
         request = _Request(request_id, prompt, params, asyncio.get_running_loop(), asyncio.Queue())

@@ -97,7 +97,7 @@ def test_seeded_request_same_alone_and_in_batch(checkpoint):
 
 
 def test_full_queue_rejects_then_recovers(checkpoint):
-    engine = make_engine(checkpoint, max_num_seqs=1, max_queue_len=1)
+    engine = make_engine(checkpoint, max_num_seqs=1, max_waiting_requests=1)
     try:
         prompt = engine.prepare(_messages("what is this", None))
         params = SamplingParams(max_tokens=30, temperature=0.0)

@@ -26,7 +26,7 @@ def target(tmp_path_factory):
 def engine(target):
     engine = Engine(ServerConfig(
         model=str(target), dtype="float32", device="cpu", max_model_len=256, speculative=False,
-        max_num_seqs=2, max_queue_len=4,
+        max_num_seqs=2, max_waiting_requests=4,
     ))
     engine.load()
     engine.start(load=False)
