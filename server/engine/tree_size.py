@@ -1,10 +1,12 @@
 """Choose the draft tree size for this device and draft at start-up.
 
-A bigger tree accepts more tokens per step but makes the verify forward dearer, and
-how much dearer depends on the device: on a GPU a verify of 64 tokens costs about as
-much as one of 1, on a CPU it costs several times more. EAGLE-2's observation gives the
-gain side: if the draft is calibrated, the expected number of accepted tokens of a tree
-is the sum over its nodes of the draft probability of the node's path. So this module
+A bigger tree accepts more tokens per step but makes the verify forward dearer. How much
+dearer depends on the device. On a 2-core CPU, a 16-token verify of the demo model cost
+about 3 times a 1-token one; a GPU at these sizes is expected to be far from
+compute-bound, so there the cost should grow much more slowly (not measured here).
+EAGLE-2's observation gives the gain side: if the draft is calibrated, the expected
+number of accepted tokens of a tree is the sum over its nodes of the draft probability
+of the node's path. So this module
 1. times target verify forwards of 1, 2, 4, ... tokens on this device,
 2. runs a few real draft trees at the largest size on a fixed prompt and, for each
    candidate size T, sums the path probabilities of the best T - 1 nodes,

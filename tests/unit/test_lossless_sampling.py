@@ -132,7 +132,7 @@ def test_second_token_after_accepted_first(engine):
         state = copy.copy(start)
         committed = decoder.step([state], [params], [torch.Generator().manual_seed(5000 + trial)])[0].committed
         # A first token equal to the proposed child and followed by another token was
-        # accepted from the tree; the next token then samples the target's conditional.
+        # accepted from the tree. The next token then samples the target's conditional.
         if committed[0] == proposed and len(committed) > 1:
             seconds.append(committed[1])
     second_probs = _target_distribution(engine, prefix + [proposed], prompt.pixel_values, params)
