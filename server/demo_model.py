@@ -45,6 +45,7 @@ GGUF_MAGIC = b"GGUF"
 # Bump when the build changes what lands in the target folder, so that older caches are rebuilt.
 RECIPE_VERSION = 1
 MARKER_NAME = "specvlm-demo.json"
+DRAFT_MARKER_NAME = "specvlm-draft.json"
 
 UNTRAINED_VISION_NOTE = (
     "The vision tower and projector of this demo model are untrained (random weights from a "
@@ -156,7 +157,7 @@ def ensure_demo_model(
     source = _resolve_source(gguf_file, hf_folder)
     demo_dir = cache_root(cache_dir) / "demo"
     paths = DemoModelPaths(target=demo_dir / "target", draft=demo_dir / "draft")
-    if not rebuild and _is_valid_target(paths.target, source) and paths.draft.is_dir():
+    if not rebuild and _is_valid_target(paths.target, source) and _is_current_draft(paths.draft):
         return paths
 
     demo_dir.mkdir(parents=True, exist_ok=True)
@@ -166,9 +167,37 @@ def ensure_demo_model(
             started = time.monotonic()
             _build_target_into_place(demo_dir, paths, source)
             logger.info("Built the demo target in %.0f s: %s", time.monotonic() - started, paths.target)
-        if not paths.draft.is_dir():
+        if not _is_current_draft(paths.draft):
             _write_draft_into_place(demo_dir, paths)
     return paths
+
+
+def shipped_draft() -> Path | None:
+    """Return the trained demo draft that the package carries, or None if it is absent."""
+    folder = Path(__file__).resolve().parent.parent / "draft_models" / "demo_draft"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    return None
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _is_current_draft(draft: Path) -> bool:
+    """Tell whether the cached draft exists and, when the package carries a trained one, is that one."""
+    if not (draft / "model.safetensors").is_file():
+        return False
+    shipped = shipped_draft()
+    if shipped is None:
+        return True
+    marker = draft / DRAFT_MARKER_NAME
+    if not marker.is_file():
+        return False  # an initial (untrained) draft from an older build, or one that did not match
+    recorded = json.loads(marker.read_text()).get("shipped_sha256")
+    return recorded in (None, _file_digest(shipped / "model.safetensors"))
 
 
 def _resolve_source(
@@ -272,12 +301,30 @@ def _build_target_into_place(demo_dir: Path, paths: DemoModelPaths, source: Lang
 
 
 def _write_draft_into_place(demo_dir: Path, paths: DemoModelPaths) -> None:
-    from draft_models.eagle import write_initial_draft
+    """Copy the shipped trained draft into the cache if it fits the target, else write an untrained one."""
+    from draft_models.eagle import EagleConfig, embedding_fingerprint, write_initial_draft
+    from draft_models.llama_layers import read_safetensors
 
-    logger.info("Writing the initial draft for %s", paths.target)
     with tempfile.TemporaryDirectory(dir=demo_dir, prefix=".tmp-draft-") as temporary:
         build_dir = Path(temporary) / "draft"
-        write_initial_draft(paths.target, build_dir)
+        shipped = shipped_draft()
+        marker = {"shipped_sha256": None}
+        if shipped is not None:
+            tensors = read_safetensors(paths.target)
+            embedding = next(value for key, value in tensors.items() if key.endswith("embed_tokens.weight"))
+            fits = EagleConfig.from_file(shipped / "config.json").target_fingerprint == embedding_fingerprint(embedding)
+            del tensors
+            if fits:
+                logger.info("Copying the trained demo draft %s", shipped)
+                shutil.copytree(shipped, build_dir)
+                marker["shipped_sha256"] = _file_digest(shipped / "model.safetensors")
+            else:
+                logger.warning("The shipped demo draft was trained for another build of the target; "
+                               "writing an untrained draft instead")
+        if not build_dir.exists():
+            logger.info("Writing an untrained draft for %s", paths.target)
+            write_initial_draft(paths.target, build_dir)
+        (build_dir / DRAFT_MARKER_NAME).write_text(json.dumps(marker) + "\n")
         _move_into_place(build_dir, paths.draft)
 
 

@@ -259,3 +259,12 @@ def test_explicit_source_rebuilds_other_cache(tmp_path, monkeypatch):
     ensure_demo_model(cache_dir=tmp_path, gguf_file=local_gguf)
     ensure_demo_model(cache_dir=tmp_path)
     assert [(source.kind, source.path) for source in builds] == [("gguf", str(local_gguf.resolve()))]
+
+
+def test_demo_draft_is_shipped_trained_draft(demo_paths):
+    from server.demo_model import shipped_draft
+
+    shipped = shipped_draft()
+    assert shipped is not None
+    cached = (demo_paths.draft / "model.safetensors").read_bytes()
+    assert cached == (shipped / "model.safetensors").read_bytes()
