@@ -206,6 +206,15 @@ def test_failed_fetch_names_local_options(tmp_path, monkeypatch):
     assert not list((tmp_path / "demo").glob(".tmp-*"))
 
 
+def _make_current_draft(folder: Path) -> None:
+    """Write a stand-in draft folder that the cache check takes as up to date."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(b"stand-in weights")
+    shipped = demo_model.shipped_draft()
+    digest = demo_model._file_digest(shipped / "model.safetensors") if shipped else None
+    (folder / demo_model.DRAFT_MARKER_NAME).write_text(json.dumps({"shipped_sha256": digest}))
+
+
 @pytest.mark.parametrize(
     ("marker", "expect_build"),
     [
@@ -219,7 +228,7 @@ def test_cache_marker_decides_rebuild(tmp_path, monkeypatch, marker, expect_buil
     target = tmp_path / "demo" / "target"
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
-    (tmp_path / "demo" / "draft").mkdir()
+    _make_current_draft(tmp_path / "demo" / "draft")
     if marker is not None:
         (target / demo_model.MARKER_NAME).write_text(json.dumps(marker))
     builds = []
@@ -231,7 +240,7 @@ def test_cache_marker_decides_rebuild(tmp_path, monkeypatch, marker, expect_buil
         )
 
     monkeypatch.setattr(demo_model, "_build_target_into_place", fake_build)
-    monkeypatch.setattr(demo_model, "_write_draft_into_place", lambda demo_dir, paths: paths.draft.mkdir())
+    monkeypatch.setattr(demo_model, "_write_draft_into_place", lambda demo_dir, paths: _make_current_draft(paths.draft))
     paths = ensure_demo_model(cache_dir=tmp_path)
     assert paths.target == target
     assert len(builds) == (1 if expect_build else 0)
@@ -241,7 +250,7 @@ def test_cache_marker_decides_rebuild(tmp_path, monkeypatch, marker, expect_buil
 def test_explicit_source_rebuilds_other_cache(tmp_path, monkeypatch):
     target = tmp_path / "demo" / "target"
     target.mkdir(parents=True)
-    (tmp_path / "demo" / "draft").mkdir()
+    _make_current_draft(tmp_path / "demo" / "draft")
     pypi_marker = {"recipe_version": demo_model.RECIPE_VERSION, "source": {"kind": "pypi", "path": None}}
     (target / demo_model.MARKER_NAME).write_text(json.dumps(pypi_marker))
     local_gguf = tmp_path / "local.gguf"
@@ -254,7 +263,7 @@ def test_explicit_source_rebuilds_other_cache(tmp_path, monkeypatch):
         (paths.target / demo_model.MARKER_NAME).write_text(json.dumps(marker))
 
     monkeypatch.setattr(demo_model, "_build_target_into_place", fake_build)
-    monkeypatch.setattr(demo_model, "_write_draft_into_place", lambda demo_dir, paths: paths.draft.mkdir())
+    monkeypatch.setattr(demo_model, "_write_draft_into_place", lambda demo_dir, paths: _make_current_draft(paths.draft))
     ensure_demo_model(cache_dir=tmp_path, gguf_file=local_gguf)
     ensure_demo_model(cache_dir=tmp_path, gguf_file=local_gguf)
     ensure_demo_model(cache_dir=tmp_path)
