@@ -110,8 +110,12 @@ def load_records(path: str | Path) -> list:
     return data
 
 
-def parse_record(record) -> Conversation:
-    """Validate one record and return its messages and image paths. Raises RecordError."""
+def parse_record(record, require_answer: bool = True) -> Conversation:
+    """Validate one record and return its messages and image paths. Raises RecordError.
+
+    Without `require_answer`, a record whose turns are all prompts (a held-out prompt file
+    with empty answers) is accepted too.
+    """
     if isinstance(record, _InvalidLine):
         raise RecordError(record.message)
     if not isinstance(record, dict):
@@ -131,7 +135,7 @@ def parse_record(record) -> Conversation:
         if not isinstance(text, str):
             raise RecordError(f"turn {number} has no string 'value' (or 'content')")
         messages.append({"role": ROLES[speaker], "content": text})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    if require_answer and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise RecordError("record has no assistant turn with text")
 
     image = record.get("image")
@@ -214,7 +218,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def prompt(self, index: int) -> Prompt | None:
         """Return record `index` cut before its first assistant turn, or None (counted) if it cannot be used."""
         try:
-            conversation = parse_record(self.records[index])
+            conversation = parse_record(self.records[index], require_answer=False)
             images = [load_image(self.resolve_image(path)) for path in conversation.image_paths]
             return self.encoder.prompt(conversation, images, index)
         except RecordError as error:

@@ -61,10 +61,10 @@ class ConversationEncoder:
         return self._truncate(full_ids, full_mask, pixel_values, index)
 
     def prompt(self, conversation: Conversation, images: list, index: int = -1) -> Prompt:
-        """Return the conversation up to its first assistant turn, with the generation prompt."""
+        """Return the conversation up to its first assistant turn (or all of it), with the generation prompt."""
         messages = template_messages(conversation)
         self._check_images(images)
-        first_answer = next(k for k, m in enumerate(messages) if m["role"] == "assistant")
+        first_answer = next((k for k, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
         if first_answer == 0:
             raise RecordError("the conversation starts with an assistant turn, so it has no prompt")
         text = self.render(messages[:first_answer], add_generation_prompt=True)

@@ -135,6 +135,11 @@ class DraftTrainer:
             if prompt is not None:
                 prompts.append(prompt)
         logger.info("evaluation set: %d prompts from %s (%d skipped)", len(prompts), self.config.eval_data, len(dataset.skipped))
+        if not prompts:
+            raise ValueError(
+                f"no usable prompt among the first {self.config.eval_samples} records of --eval-data "
+                f"{self.config.eval_data} (see the warnings above); fix the file or drop --eval-data"
+            )
         return prompts
 
     def _settings(self) -> dict:

@@ -408,3 +408,26 @@ def test_cli_missing_data_file(tmp_path, capsys):
     assert error.count("\n") == 0
     assert "none.json" in error
     assert "not found" in error
+
+
+def test_prompt_only_record_is_eval_prompt(target):
+    """A held-out file of prompts without answers still gives evaluation prompts."""
+    encoder = ConversationEncoder.for_target(target, 512)
+    records = [
+        {"conversations": [{"from": "human", "value": "what is the color of the sea"}]},
+        {"conversations": [{"from": "human", "value": "is there a cat"}, {"from": "gpt", "value": ""}]},
+    ]
+    dataset = ConversationDataset(records, encoder, None, "eval")
+    for index in range(len(records)):
+        prompt = dataset.prompt(index)
+        assert prompt is not None
+        text = target.tokenizer.decode(prompt.token_ids)
+        assert text.rstrip().endswith("assistant")
+    assert not dataset.skipped
+
+
+def test_empty_eval_set_is_an_error(workspace, target, tmp_path):
+    bad = tmp_path / "eval.json"
+    bad.write_text(json.dumps([{"conversations": [{"from": "gpt", "value": "an answer without a prompt"}]}]))
+    with pytest.raises(ValueError, match="no usable prompt"):
+        DraftTrainer(make_config(workspace, tmp_path / "out", eval_data=str(bad), eval_every=2), target)
