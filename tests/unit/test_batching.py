@@ -7,20 +7,16 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from draft_models.eagle import write_initial_draft
 from engine_helpers import joined, run_requests
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.types import QueueFullError, SamplingParams
-from tiny_models import build_tiny_llava
+from tiny_models import build_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    target = build_tiny_llava(root / "target")
-    write_initial_draft(target, root / "draft")
-    return target, root / "draft"
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 def make_engine(checkpoint, **overrides) -> Engine:

@@ -11,17 +11,14 @@ from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.speculative import SpeculativeDecoder
 from server.engine.types import SamplingParams
-from tiny_models import build_tiny_llava
+from tiny_models import build_tiny_checkpoint
 
 NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    target = build_tiny_llava(root / "target")
-    write_initial_draft(target, root / "draft")
-    return target, root / "draft"
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module", params=["feature_sampling", "partial_alignment", "fspad"])

@@ -2,18 +2,15 @@
 
 import pytest
 
-from draft_models.eagle import write_initial_draft
 from server.config import ServerConfig
 from server.engine.engine import Engine
-from tiny_models import build_tiny_llava
+from tiny_models import build_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    target = build_tiny_llava(root / "target")
-    write_initial_draft(target, root / "draft")
-    config = ServerConfig(model=str(target), draft=str(root / "draft"), dtype="float32", device="cpu",
+    target, draft = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    config = ServerConfig(model=str(target), draft=str(draft), dtype="float32", device="cpu",
                           max_model_len=256, tree_depth=3, tree_top_k=3)
     engine = Engine(config)
     engine.load()
@@ -40,10 +37,8 @@ def test_expected_tokens_grow_with_size(engine):
 
 
 def test_fixed_size_skips_tuning(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fixed")
-    target = build_tiny_llava(root / "target")
-    write_initial_draft(target, root / "draft")
-    engine = Engine(ServerConfig(model=str(target), draft=str(root / "draft"), dtype="float32", device="cpu",
+    target, draft = build_tiny_checkpoint(tmp_path_factory.mktemp("fixed"))
+    engine = Engine(ServerConfig(model=str(target), draft=str(draft), dtype="float32", device="cpu",
                                  max_model_len=256, tree_total_tokens=6))
     engine.load()
     assert engine.tree_size_choice is None

@@ -106,6 +106,15 @@ def build_tiny_llava(folder: Path, seed: int = 0, init_std: float = 0.15, **text
     return folder
 
 
+def build_tiny_checkpoint(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Save a tiny LLaVA target and an untrained draft for it under `root`; return both folders."""
+    from draft_models.eagle import write_initial_draft
+
+    target = build_tiny_llava(root / "target", seed=seed)
+    write_initial_draft(target, root / "draft")
+    return target, root / "draft"
+
+
 def build_tiny_llama(folder: Path, seed: int = 0, **text_overrides) -> Path:
     """Save a random text-only Llama checkpoint with its tokenizer into `folder`."""
     torch.manual_seed(seed)
