@@ -1,9 +1,9 @@
 """EAGLE-style draft head with SpecVLM's input norm, and its checkpoint format.
 
-At position i the draft reads `fc(concat(embed(t[i+1]), f[i]))`, where `f[i]` is the
+At position i the draft reads `fc(concat(embed(t[i+1]), f[i]))`. Here `f[i]` is the
 target's feature (final-norm hidden state) at i and `embed` is the target's own token
-embedding, runs one decoder layer of the target's family (with an input RMSNorm, which
-SpecVLM adds to EAGLE's layer), and predicts `f[i+1]`. Logits come from the target's LM
+embedding. It runs one decoder layer of the target's family, with the input RMSNorm that
+SpecVLM adds to EAGLE's layer, and predicts `f[i+1]`. Logits come from the target's LM
 head. Embedding and LM head are borrowed from the target at load time, never copied.
 
 Two optional changes from FSPAD, recorded in the checkpoint (variant "fspad" has both):

@@ -161,7 +161,7 @@ class AttentionMask:
     """Where one forward writes its keys and what each query may see.
 
     The new tokens of batch row b are written to cache positions
-    `write_start[b] + [0, num_new)`. Query t of row b sees every key below
+    `write_start[b] + [0, num_new)`. Query t of row b attends to every key below
     `prefix_len[b]` (committed context) and, in the region that starts at `prefix_len[b]`
     and is `region_mask.shape[-1]` long, the keys where `region_mask[b, t]` is True.
     For prefill: prefix 0, region = causal mask. For verify: prefix = committed length,

@@ -1,6 +1,6 @@
 """The server's one typed configuration.
 
-Every setting is a field here with its default and bounds; the `specvlm` CLI flags and
+Every setting is a field here with its default and bounds. The `specvlm` CLI flags and
 the `SPECVLM_*` environment variables are derived from these fields, so a default lives
 in exactly one place. Precedence: CLI flag, then environment variable, then default.
 """

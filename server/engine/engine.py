@@ -123,9 +123,9 @@ class Engine:
 
     def start(self, load: bool = True) -> None:
         """Start the engine thread; with `load`, the models load on that thread first."""
-        # NOTE: when the process's first parallel torch op runs on a thread other than the
-        # main one, CPU decoding was about 5x slower here (torch 2.13, GNU OpenMP, 2 cores),
-        # so one small op initialises the thread pool from the calling thread first.
+        # NOTE: CPU decoding was about 5x slower when the process's first parallel torch op
+        # ran on a thread other than the main one (torch 2.13, GNU OpenMP, 2 cores). So one
+        # small op initialises the thread pool from the calling thread first.
         torch.ones(64, 64) @ torch.ones(64, 64)
         self._thread = threading.Thread(target=self._main, args=(load,), name="specvlm-engine", daemon=True)
         self._thread.start()

@@ -1,8 +1,8 @@
 """Verification of a draft tree against the target's logits: greedy and lossless sampling.
 
 Greedy (temperature 0): a node is accepted when its token equals the target's argmax at
-its parent; the longest accepted path wins and the target's argmax after it is the bonus
-token. The result equals the target's own greedy decoding.
+its parent. The longest accepted path wins, and the target's argmax after it is the
+bonus token. The result equals the target's own greedy decoding.
 
 Sampling (temperature > 0): at the current node, the children are tried one at a time in
 node order. Child x is accepted with probability p(x), where p is the target's processed

@@ -2,7 +2,7 @@
 
 A bigger tree accepts more tokens per step but makes the verify forward dearer. How much
 dearer depends on the device. On a 2-core CPU, a 16-token verify of the demo model cost
-about 3 times a 1-token one; a GPU at these sizes is expected to be far from
+about 3 times a 1-token one. A GPU at these sizes is expected to be far from
 compute-bound, so there the cost should grow much more slowly (not measured here).
 EAGLE-2's observation gives the gain side: if the draft is calibrated, the expected
 number of accepted tokens of a tree is the sum over its nodes of the draft probability
