@@ -49,6 +49,19 @@ class ServerConfig(BaseSettings):
         "device and draft (1 turns drafting off).",
     )
 
+    # Draft-side visual compressor; the target always sees every visual token.
+    draft_compressor: Literal["auto", "none", "select", "weight", "concat"] = Field(
+        "auto",
+        description="How the draft sees images: auto uses the mode the draft was trained with (none when it "
+        "has no compressor); none gives the draft every visual token.",
+    )
+    draft_visual_budget: int | None = Field(
+        None,
+        ge=0,
+        description="Most visual tokens per image the draft may see; select mode picks the gate's best "
+        "primitive within it. Default: no limit.",
+    )
+
     # Capacity
     max_num_seqs: int = Field(4, ge=1, le=1024, description="KV cache slots: requests decoded at once.")
     max_model_len: int | None = Field(
