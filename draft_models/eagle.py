@@ -14,6 +14,11 @@ Two optional changes from FSPAD, recorded in the checkpoint (variant "fspad" has
   trained by cross-entropy only), the second half is the predicted feature (trained by
   the feature loss only) and is what drafting feeds back as the next input feature.
 
+A draft may carry a visual compressor (`compressors.VisualCompressor`), recorded under
+"compressor" in its config and under `compressor.` in its weights. It shortens each
+image's rows of the fused input before the decoder layer, so the draft runs over its own,
+shorter sequence with contiguous positions.
+
 A checkpoint is a folder with `config.json` and `model.safetensors`. The config names
 the target it was trained for, including a fingerprint of the target's embedding, so a
 draft cannot be paired with the wrong target by accident.
@@ -31,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from compressors import CompressorConfig, VisualCompressor
 from draft_models.llama_layers import (
     MLP,
     AttentionMask,
@@ -67,6 +73,7 @@ class EagleConfig:
     architecture: str = "eagle"
     feature_sampling: bool = False
     partial_alignment: bool = False
+    compressor: dict | None = None  # a CompressorConfig as a dict; None: the draft reads every visual token
     extra: dict = field(default_factory=dict)
 
     @property
@@ -87,6 +94,7 @@ class EagleConfig:
                 "layer": self.layer.to_dict(),
                 "vocab_size": self.vocab_size,
                 "target": {"name": self.target_name, "embedding_fingerprint": self.target_fingerprint},
+                **({"compressor": self.compressor} if self.compressor else {}),
                 **self.extra,
             },
             indent=2,
@@ -95,7 +103,9 @@ class EagleConfig:
     @classmethod
     def from_file(cls, path: Path) -> "EagleConfig":
         data = json.loads(path.read_text())
-        known = {"architecture", "variant", "feature_sampling", "partial_alignment", "layer", "vocab_size", "target"}
+        known = {
+            "architecture", "variant", "feature_sampling", "partial_alignment", "layer", "vocab_size", "target", "compressor",
+        }
         return cls(
             layer=LayerSpec(**data["layer"]),
             vocab_size=data["vocab_size"],
@@ -104,6 +114,7 @@ class EagleConfig:
             architecture=data.get("architecture", "eagle"),
             feature_sampling=bool(data.get("feature_sampling", False)),
             partial_alignment=bool(data.get("partial_alignment", False)),
+            compressor=data.get("compressor"),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -151,6 +162,9 @@ class EagleDraft(nn.Module):
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         self.feature_sampling = FeatureSampling(config.layer) if config.feature_sampling else None
         self.layer = PartialAlignmentLayer(config.layer) if config.partial_alignment else DecoderLayer(config.layer)
+        self.compressor = None
+        if config.compressor:
+            self.compressor = VisualCompressor(CompressorConfig.from_dict(config.compressor), hidden)
         self.register_buffer("inv_freq", rope_inv_freq(config.layer), persistent=False)
         # Borrowed from the target; kept out of this module's parameters and state dict.
         self._target_modules: tuple[nn.Embedding, nn.Linear] | None = None
@@ -171,6 +185,12 @@ class EagleDraft(nn.Module):
         weight = self.fc.weight
         return KVCache(1, num_slots, spec.num_key_value_heads, max_len, spec.head_dim, weight.dtype, weight.device)
 
+    def attach_compressor(self, config: CompressorConfig) -> None:
+        """Add a new (untrained) visual compressor, recorded in the checkpoint's config."""
+        weight = self.fc.weight
+        self.compressor = VisualCompressor(config, self.hidden_size).to(weight.device, weight.dtype)
+        self.config.compressor = config.to_dict()
+
     def forward(
         self,
         input_embeds: torch.Tensor,  # [batch, num_new, hidden] embedding of the token after each position
@@ -180,9 +200,16 @@ class EagleDraft(nn.Module):
         mask: AttentionMask,
     ) -> torch.Tensor:
         """Return the raw draft output at each position (see the class docstring)."""
+        return self.decode_fused(self.fuse(input_embeds, features), positions, cache, mask)
+
+    def fuse(self, input_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Return the layer's input [..., hidden] from token embeddings and features (what the compressor shortens)."""
         fused = self.fc(torch.cat((input_embeds, features.to(input_embeds.dtype)), dim=-1))
         if self.feature_sampling is not None:
             fused = self.feature_sampling(fused, input_embeds)
+        return fused
+
+    def decode_fused(self, fused: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: AttentionMask) -> torch.Tensor:
         rotary = rotary_tables(self.inv_freq, positions, fused.dtype)
         return self.layer(fused, rotary, cache, 0, mask)
 
@@ -276,8 +303,9 @@ def write_initial_draft(
     seed: int = 0,
     feature_sampling: bool = False,
     partial_alignment: bool = False,
+    compressor: CompressorConfig | None = None,
 ) -> None:
-    """Write an untrained draft checkpoint shaped for the target at `target_path`."""
+    """Write an untrained draft checkpoint shaped for the target at `target_path`, with an optional compressor."""
     from transformers import AutoConfig
 
     target_path = Path(target_path)
@@ -289,5 +317,8 @@ def write_initial_draft(
         layer_spec_for(text_config), embedding.shape[0], target_path.name, embedding_fingerprint(embedding), seed,
         feature_sampling=feature_sampling, partial_alignment=partial_alignment,
     )
+    if compressor is not None:
+        torch.manual_seed(seed)
+        draft.attach_compressor(compressor)
     save_draft(draft, draft_path)
     logger.info("wrote an untrained draft for %s to %s", target_path, draft_path)

@@ -49,7 +49,7 @@ class ServerConfig(BaseSettings):
         "device and draft (1 turns drafting off).",
     )
 
-    # Draft-side visual compressor; the target always sees every visual token.
+    # Draft-side visual compressor; the target always reads every visual token.
     draft_compressor: Literal["auto", "none", "select", "weight", "concat"] = Field(
         "auto",
         description="How the draft sees images: auto uses the mode the draft was trained with (none when it "

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from compressors import CompressorConfig
 from draft_models.eagle import EagleDraft, load_draft, new_draft_for
 from draft_models.llama_layers import DecoderLayer, rope_inv_freq
 
@@ -53,6 +54,7 @@ def build_draft(config, target, device: torch.device) -> EagleDraft:
     embed, head = frozen_output_modules(target, DRAFT_DTYPE)
     if config.init_from is not None:
         draft = load_draft(config.init_from, embed, head, target.embedding_fingerprint, DRAFT_DTYPE, device)
+        _set_compressor(draft, config)
         return draft.train()
     feature_sampling, partial_alignment = config.draft_variant()
     draft = new_draft_for(
@@ -64,7 +66,20 @@ def build_draft(config, target, device: torch.device) -> EagleDraft:
     draft = draft.to(device=device, dtype=DRAFT_DTYPE).train()
     draft.inv_freq = rope_inv_freq(draft.config.layer).to(device)
     draft.bind_target(embed, head)
+    _set_compressor(draft, config)
     return draft
+
+
+def _set_compressor(draft: EagleDraft, config) -> None:
+    """Attach a new compressor for `--compressor`, or switch the mode of the one the draft has."""
+    if config.compressor is None:
+        return
+    if draft.compressor is None:
+        draft.attach_compressor(CompressorConfig(mode=config.compressor, cost_weight=config.compressor_cost_weight))
+    else:
+        draft.compressor.config.mode = config.compressor
+        draft.compressor.config.cost_weight = config.compressor_cost_weight
+        draft.config.compressor = draft.compressor.config.to_dict()
 
 
 def build_optimizer(draft: EagleDraft, config) -> torch.optim.AdamW:

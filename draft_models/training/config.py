@@ -43,6 +43,14 @@ class TrainingConfig(BaseModel):
         "none", description="Copy this target layer into a new draft's decoder layer (none: random init)."
     )
 
+    # Visual compressor (trained jointly with the draft)
+    compressor: Literal["select", "weight", "concat"] | None = Field(
+        None, description="Train a draft-side visual compressor in this mode. Default: none, or --init-from's."
+    )
+    compressor_cost_weight: float = Field(
+        0.1, ge=0, description="select mode: weight of the penalty on the share of visual tokens the draft keeps."
+    )
+
     # Loss
     feature_loss_weight: float = Field(1.0, ge=0, description="Weight of the SmoothL1 feature loss.")
     ce_loss_weight: float = Field(0.1, ge=0, description="Weight of the soft cross-entropy against the target's logits.")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressors import image_spans
 from draft_models.eagle import EagleDraft
 from draft_models.llama_layers import AttentionMask, KVCache
 from draft_models.training.data import Batch
@@ -81,6 +82,9 @@ class TeacherForcedDraft(nn.Module):
     """The draft over whole sequences at once: a fresh cache, a causal mask, positions from 0.
 
     This is the module that DistributedDataParallel wraps, so that its forward takes tensors only.
+    With a visual compressor, each row's images are compressed, the shorter rows run with
+    their own contiguous positions, and the outputs are mapped back to the original rows
+    (an image's rows get the output of the row before the image; no loss counts them).
     """
 
     def __init__(self, draft: EagleDraft):
@@ -91,16 +95,43 @@ class TeacherForcedDraft(nn.Module):
         self,
         input_embeds: torch.Tensor,  # [batch, num_positions, hidden] e[i + 1]
         features: torch.Tensor,  # [batch, num_positions, hidden] f[i] (with noise)
-    ) -> torch.Tensor:
-        """Return the raw draft output [batch, num_positions, output size]."""
-        rows, count, _ = input_embeds.shape
-        device = input_embeds.device
-        cache = self.draft.make_cache(rows, count)  # fresh: autograd must not chain steps through a reused cache
-        zeros = torch.zeros(rows, dtype=torch.long, device=device)
-        causal = AttentionMask.causal(count, device).expand(rows, count, count)
-        mask = AttentionMask.build(torch.arange(rows, device=device), zeros, zeros, causal)
-        positions = torch.arange(count, device=device).expand(rows, count)
-        return self.draft(input_embeds, features, positions, cache, mask)
+        visual_rows: torch.Tensor | None = None,  # [batch, num_positions] bool: token i is visual
+        prompt_rows: torch.Tensor | None = None,  # [batch, num_positions] bool: text rows of the prompt
+        num_images: torch.Tensor | None = None,  # [batch] images per row
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the raw draft output [batch, num_positions, output size] and the compressor's cost term."""
+        fused = self.draft.fuse(input_embeds, features)
+        compressor = self.draft.compressor
+        if compressor is None or visual_rows is None or not bool(visual_rows.any()):
+            return _decode_whole(self.draft, fused), fused.new_zeros((), dtype=torch.float32)
+
+        rows, sources, cost = [], [], fused.new_zeros((), dtype=torch.float32)
+        for row in range(fused.shape[0]):
+            count = int(num_images[row])
+            spans = image_spans(visual_rows[row], count) if count else []
+            compressed = compressor.compress_sequence(
+                fused[row], features[row], spans, prompt_rows[row], compressor.config.mode
+            )
+            rows.append(compressed.rows)
+            sources.append(compressed.source_index)
+            cost = cost + compressed.cost
+        padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        output = _decode_whole(self.draft, padded)
+        index = torch.stack(sources)[:, :, None].expand(-1, -1, output.shape[-1])
+        # Every compressor parameter joins the graph, so DDP reduces the primitives this batch skipped.
+        unused = sum(parameter.sum() for parameter in compressor.parameters()) * 0.0
+        return output.gather(1, index), cost / fused.shape[0] + unused
+
+
+def _decode_whole(draft: EagleDraft, fused: torch.Tensor) -> torch.Tensor:
+    rows, count, _ = fused.shape
+    device = fused.device
+    cache = draft.make_cache(rows, count)  # fresh: autograd must not chain steps through a reused cache
+    zeros = torch.zeros(rows, dtype=torch.long, device=device)
+    causal = AttentionMask.causal(count, device).expand(rows, count, count)
+    mask = AttentionMask.build(torch.arange(rows, device=device), zeros, zeros, causal)
+    positions = torch.arange(count, device=device).expand(rows, count)
+    return draft.decode_fused(fused, positions, cache, mask)
 
 
 def feature_noise(features: torch.Tensor, seq_len: int) -> torch.Tensor:

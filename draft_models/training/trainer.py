@@ -197,12 +197,12 @@ class DraftTrainer:
             last = number == len(group) - 1
             no_sync = self.context.distributed and not last
             with self.model.no_sync() if no_sync else contextlib.nullcontext():
-                output = self.model(input_embeds, features)
+                output, cost = self.model(input_embeds, features, *self._compressor_inputs(batch))
                 terms = distillation_loss(
                     self.draft, output, teacher, self.target.decoder.logits, batch.assistant_mask,
                     config.feature_loss_weight, config.ce_loss_weight,
                 )
-                (terms.total / len(group)).backward()
+                ((terms.total + cost) / len(group)).backward()
             values = (terms.total, terms.feature, terms.cross_entropy, terms.accuracy)
             for slot, value in enumerate(values):
                 totals[slot] += value.item() * terms.num_positions
@@ -216,6 +216,20 @@ class DraftTrainer:
         *sums, num_positions, num_tokens = self.context.sum(totals)
         means = [value / max(num_positions, 1) for value in sums]
         return StepStats(self.position.step + 1, *means, lr=lr, num_tokens=int(num_tokens), num_positions=int(num_positions))
+
+    def _compressor_inputs(self, batch: Batch) -> tuple:
+        """Return (visual rows, prompt text rows, images per row) for the compressor, or () without one."""
+        if self.draft.compressor is None or self.target.image_token_id is None:
+            return ()
+        tokens = batch.token_ids[:, :-1].to(self.context.device)
+        visual = tokens == self.target.image_token_id
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        answer = batch.assistant_mask.to(tokens.device)
+        # The prompt ends where the first answer starts (the row's length when it has none).
+        prompt_end = torch.where(answer.any(1), answer.float().argmax(1), torch.tensor(batch.lengths, device=tokens.device))
+        prompt = (positions[None] < prompt_end[:, None]) & ~visual
+        images = torch.tensor([0 if p is None else p.shape[0] for p in batch.pixel_values], device=tokens.device)
+        return visual, prompt, images
 
     # ----- the run ------------------------------------------------------------------------
 

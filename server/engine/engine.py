@@ -95,6 +95,7 @@ class Engine:
         self.decoder = SpeculativeDecoder(
             self.target, draft, self.config.max_num_seqs, self.max_model_len,
             self.config.tree_depth, self.config.tree_top_k, total_tokens,
+            compressor_mode=self.config.draft_compressor, visual_budget=self.config.draft_visual_budget,
         )
         self.prompts = PromptBuilder(self.target, self.max_model_len)
         if draft is not None and self.config.tree_total_tokens is None:
@@ -263,10 +264,16 @@ class Engine:
         token_ids = torch.tensor(request.prompt.token_ids, dtype=torch.long)
         request.state = self.decoder.prefill(slot, token_ids, request.prompt.pixel_values, params, request.generator)
         self._running[slot] = request
+        choices = request.state.compressor_choices
+        if choices:
+            logger.debug("request %s: draft visual tokens %s", request.request_id,
+                         ", ".join(f"{c.primitive} {c.target_tokens}->{c.draft_tokens}" for c in choices))
         if self.metrics:
             visual = request.prompt.num_visual_tokens
-            draft_visual = visual if self.decoder.draft is not None else 0
+            draft_visual = sum(choice.draft_tokens for choice in choices)
             self.metrics.on_admitted(len(request.prompt.token_ids), visual, draft_visual, queued)
+            for choice in choices:
+                self.metrics.on_compressor_selected(choice.primitive)
         self._emit(request, [request.state.root_token])
 
     def _step(self) -> None:
@@ -337,6 +344,8 @@ class Engine:
             request.request_id, text=text, token_ids=tokens, finish_reason=reason,
             prompt_tokens=len(request.prompt.token_ids), completion_tokens=request.completion_tokens,
             spec_steps=request.spec_steps, spec_accepted_tokens=request.spec_accepted,
+            compressor_choices=[choice.primitive for choice in request.state.compressor_choices],
+            draft_visual_tokens=sum(choice.draft_tokens for choice in request.state.compressor_choices),
         ))
         if self.metrics:
             self.metrics.on_finished(reason, seconds)

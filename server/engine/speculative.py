@@ -1,17 +1,22 @@
 """One speculative step for a batch of slots: draft tree, verify, accept, commit.
 
-Cache invariant per slot: the target and draft caches both contain `cache_len` committed
-positions. The last committed token (the root of the next tree) is in neither cache yet,
-and `root_hidden` is the draft's output at the position before the root (it predicts
-the root's feature and, through the LM head, the root's children).
+Cache invariant per slot: the target cache contains `cache_len` committed positions and
+the draft cache `cache_len - draft_offset`, where `draft_offset` is the number of visual
+rows the compressor removed from the draft's view of the prompt (the draft's positions
+are contiguous over its own, shorter sequence). The last committed token (the root of
+the next tree) is in neither cache yet, and `root_hidden` is the draft's output at the
+position before the root (it predicts the root's feature and, through the LM head, the
+root's children).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from compressors import image_spans
+from compressors.compressor import ImageChoice
 from draft_models.eagle import EagleDraft
 from draft_models.llama_layers import AttentionMask
 from server.engine.sampling import Acceptance, accept_greedy, accept_sampled, sample_token, target_probs
@@ -26,6 +31,12 @@ class SlotState:
     cache_len: int
     root_token: int
     root_hidden: torch.Tensor | None = None  # [draft output size]
+    draft_offset: int = 0  # visual rows the draft does not see
+    compressor_choices: list[ImageChoice] = field(default_factory=list)  # one per image; empty without a draft
+
+    @property
+    def draft_len(self) -> int:
+        return self.cache_len - self.draft_offset
 
 
 @dataclass
@@ -38,9 +49,12 @@ class SpeculativeDecoder:
     """Owns the KV caches and runs prefill and batched steps on the engine thread."""
 
     def __init__(self, target: TargetModel, draft: EagleDraft | None, num_slots: int, max_model_len: int,
-                 depth: int, top_k: int, total_tokens: int):
+                 depth: int, top_k: int, total_tokens: int, compressor_mode: str = "auto",
+                 visual_budget: int | None = None):
         self.target = target
         self.draft = draft
+        self.compressor_mode = resolve_compressor_mode(compressor_mode, draft)
+        self.visual_budget = visual_budget
         self.depth, self.top_k, self.total_tokens = depth, top_k, total_tokens
         # Room past the context for the nodes a step writes after the committed tokens: the
         # largest tree these depth and top_k can make (so the tree size may change later),
@@ -74,9 +88,27 @@ class SpeculativeDecoder:
         state = SlotState(slot=slot, cache_len=count, root_token=first)
         if self.draft is not None:
             next_embeds = torch.cat((embeds[:, 1:], self.target.decoder.embed_tokens(self._tensor([[first]]))), 1)
-            hidden = self.draft(next_embeds, features, positions, self.draft_cache, mask)
+            fused = self.draft.fuse(next_embeds, features)  # [1, n, hidden]
+            if pixel_values is not None and self.target.image_token_id is not None:
+                fused, state.compressor_choices = self._compress(fused, features, token_ids, pixel_values.shape[0])
+            length = fused.shape[1]
+            draft_mask = AttentionMask.build(self._tensor([slot]), zero, zero, AttentionMask.causal(length, self.device)[None])
+            draft_positions = torch.arange(length, device=self.device)[None]
+            hidden = self.draft.decode_fused(fused, draft_positions, self.draft_cache, draft_mask)
             state.root_hidden = hidden[0, -1]
+            state.draft_offset = count - length
         return state
+
+    def _compress(self, fused, features, token_ids, num_images) -> tuple[torch.Tensor, list[ImageChoice]]:
+        """Return the draft's rows with each image compressed, and what each image got."""
+        is_visual = token_ids.to(self.device) == self.target.image_token_id
+        spans = image_spans(is_visual, num_images)
+        if self.compressor_mode == "none":
+            return fused, [ImageChoice("none", end - start, end - start) for start, end in spans]
+        compressed = self.draft.compressor.compress_sequence(
+            fused[0], features[0], spans, ~is_visual, self.compressor_mode, self.visual_budget
+        )
+        return compressed.rows[None], compressed.choices
 
     @staticmethod
     def _choose(logits: torch.Tensor, params: SamplingParams, generator) -> int:
@@ -95,7 +127,8 @@ class SpeculativeDecoder:
             tree = root_only_tree(roots)
         else:
             root_hidden = torch.stack([s.root_hidden for s in states])
-            tree = build_draft_tree(self.draft, self.draft_cache, slots, cache_len, roots, root_hidden,
+            draft_len = self._tensor([s.draft_len for s in states])
+            tree = build_draft_tree(self.draft, self.draft_cache, slots, draft_len, roots, root_hidden,
                                     self.depth, self.top_k, self.total_tokens)
 
         features, logits = self._verify(tree, slots, cache_len)
@@ -133,9 +166,10 @@ class SpeculativeDecoder:
             for row, acc in enumerate(acceptances):
                 tokens = [int(tree.tokens[row, n]) for n in acc.path[1:]] + [acc.bonus_token]
                 next_tokens.append(tokens + [acc.bonus_token] * (width - len(tokens)))
-            mask = AttentionMask.build(slots, cache_len, cache_len,
+            draft_len = self._tensor([s.draft_len for s in states])
+            mask = AttentionMask.build(slots, draft_len, draft_len,
                                        AttentionMask.causal(width, self.device).expand(len(states), width, width))
-            positions = cache_len[:, None] + torch.arange(width, device=self.device)
+            positions = draft_len[:, None] + torch.arange(width, device=self.device)
             embeds = self.target.decoder.embed_tokens(self._tensor(next_tokens))
             hidden = self.draft(embeds, path_features, positions, self.draft_cache, mask)
         for row, (state, acc) in enumerate(zip(states, acceptances)):
@@ -143,3 +177,16 @@ class SpeculativeDecoder:
             state.root_token = acc.bonus_token
             if self.draft is not None:
                 state.root_hidden = hidden[row, len(acc.path) - 1]
+
+
+def resolve_compressor_mode(setting: str, draft: EagleDraft | None) -> str:
+    """Return the compressor mode to run: `auto` is the draft's trained mode, or none without a compressor."""
+    compressor = draft.compressor if draft is not None else None
+    if setting == "auto":
+        return compressor.config.mode if compressor is not None else "none"
+    if setting != "none" and compressor is None:
+        raise ValueError(
+            f"--draft-compressor {setting}: the draft has no visual compressor; train one with "
+            "`specvlm train-draft --compressor MODE`, or pass --draft-compressor none"
+        )
+    return setting

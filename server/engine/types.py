@@ -78,6 +78,8 @@ class RequestOutput:
     error: str | None = None
     spec_steps: int = 0  # speculative steps run for this request so far
     spec_accepted_tokens: int = 0  # draft tokens accepted and returned over those steps
+    compressor_choices: list[str] = field(default_factory=list)  # per image, on the last output
+    draft_visual_tokens: int = 0  # visual tokens the draft saw, on the last output
 
 
 class EngineClient(typing.Protocol):

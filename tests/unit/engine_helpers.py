@@ -40,6 +40,7 @@ class OracleDraft(nn.Module):
         self._modules_borrowed = (embed_tokens, lm_head)
         self.next_token = next_token
         self.vocab_size, self.hidden_size = embed_tokens.weight.shape
+        self.compressor = None
 
     @property
     def embed_tokens(self):
@@ -49,6 +50,12 @@ class OracleDraft(nn.Module):
         return KVCache(1, num_slots, 1, max_len, 1, torch.float32, "cpu")
 
     def forward(self, input_embeds, features, positions, cache, mask):
+        return self.decode_fused(self.fuse(input_embeds, features), positions, cache, mask)
+
+    def fuse(self, input_embeds, features):
+        return input_embeds
+
+    def decode_fused(self, input_embeds, positions, cache, mask):
         distances = torch.cdist(input_embeds.float(), self.embed_tokens.weight.float()[None])
         tokens = distances.argmin(dim=-1)  # [batch, num_new]
         hidden = torch.zeros(*tokens.shape, self.hidden_size)

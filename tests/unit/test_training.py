@@ -216,7 +216,7 @@ def loss_setup(target, workspace, records, **config_overrides):
 def test_loss_terms_match_definition(target, workspace):
     draft, batch, teacher = loss_setup(target, workspace, [TEXT_RECORD, ROLE_RECORD])
     input_embeds, features = draft_inputs(teacher, noise=False)
-    output = TeacherForcedDraft(draft)(input_embeds, features)
+    output = TeacherForcedDraft(draft)(input_embeds, features)[0]
     assert output.shape[:2] == (2, batch.token_ids.shape[1] - 1)
     terms = distillation_loss(draft, output, teacher, target.decoder.logits, batch.assistant_mask)
 
@@ -234,7 +234,7 @@ def test_loss_terms_match_definition(target, workspace):
 def test_loss_ignores_positions_outside_answers(target, workspace):
     draft, batch, teacher = loss_setup(target, workspace, [TEXT_RECORD])
     input_embeds, features = draft_inputs(teacher, noise=False)
-    output = TeacherForcedDraft(draft)(input_embeds, features).detach()
+    output = TeacherForcedDraft(draft)(input_embeds, features)[0].detach()
     counted = loss_positions(batch.assistant_mask)
     base = distillation_loss(draft, output, teacher, target.decoder.logits, batch.assistant_mask).total
 
@@ -249,7 +249,7 @@ def test_loss_ignores_positions_outside_answers(target, workspace):
 def test_loss_without_answer_positions_is_zero_with_gradients(target, workspace):
     draft, batch, teacher = loss_setup(target, workspace, [TEXT_RECORD])
     input_embeds, features = draft_inputs(teacher, noise=True)
-    output = TeacherForcedDraft(draft)(input_embeds, features)
+    output = TeacherForcedDraft(draft)(input_embeds, features)[0]
     terms = distillation_loss(draft, output, teacher, target.decoder.logits, torch.zeros_like(batch.assistant_mask))
     terms.total.backward()
     assert terms.num_positions == 0
