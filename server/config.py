@@ -52,7 +52,7 @@ class ServerConfig(BaseSettings):
     # Draft-side visual compressor; the target always reads every visual token.
     draft_compressor: Literal["auto", "none", "select", "weight", "concat"] = Field(
         "auto",
-        description="How the draft sees images: auto uses the mode the draft was trained with (none when it "
+        description="What the draft gets of each image: auto uses the mode the draft was trained with (none when it "
         "has no compressor); none gives the draft every visual token.",
     )
     draft_visual_budget: int | None = Field(
