@@ -70,7 +70,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": {"$ref": SCHEMA_PREFIX + "ChatCompletionRequest"}}},
     }
-    chat["responses"]["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    # One server-sent event: its `data` is a JSON chunk, a JSON error object or "[DONE]".
+    chat["responses"]["200"]["content"]["text/event-stream"] = {
+        "schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+    }
 
     metrics = document["paths"]["/metrics"]["get"]
     metrics["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
