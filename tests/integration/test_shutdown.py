@@ -1,6 +1,6 @@
 """Graceful shutdown of a real `specvlm serve` process on the tiny random checkpoint.
 
-A client holds a request open by sending its body in two parts, which keeps the
+A client keeps a request open by sending its body in two parts, which keeps the
 request running for as long as the test needs, without depending on how fast the
 model is. SIGTERM then has to drain: /health and new requests get 503 while the held
 request is still served in full, and the process exits with code 0.
@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def wait_for_exit(server: ServerProcess) -> int:
     assert server.process is not None
     try:
         return server.process.wait(timeout=EXIT_TIMEOUT_SECONDS)
-    except Exception:
+    except subprocess.TimeoutExpired:
         server.stop()
         pytest.fail(f"the server did not exit within {EXIT_TIMEOUT_SECONDS} s of SIGTERM.\n{server.log_tail()}")
 
