@@ -6,9 +6,10 @@ Serve it with uvicorn, for example
     uvicorn.run(app, host=config.host, port=config.port)
 
 Routes: POST /v1/chat/completions (see `server.api.chat`), GET /v1/models,
-GET /v1/models/{model}, GET /health, GET /metrics and GET /version. With
-`config.api_key` set, every route except /health, /metrics and /version needs
-`Authorization: Bearer <key>`.
+GET /v1/models/{model}, GET /health, GET /metrics, GET /version and GET /openapi.json.
+With `config.api_key` set, every route except /version needs `Authorization: Bearer
+<key>`, and so do /health and /metrics when `health_requires_api_key` and
+`metrics_requires_api_key` say so.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
 from server.api import chat
-from server.api.errors import APIError, check_engine_available, handle_exception
+from server.api.errors import SERVICE_UNAVAILABLE, APIError, check_engine_available, handle_exception
+from server.api.lifecycle import Lifecycle
+from server.api.media import MediaPolicy
 from server.api.middleware import RequestContextMiddleware
+from server.api.openapi import build_openapi
 from server.config import ServerConfig
 from server.engine.types import EngineClient, EngineError, PromptError, QueueFullError
 from server.metrics import Metrics
@@ -37,18 +41,22 @@ def create_app(config: ServerConfig, engine: EngineClient, metrics: Metrics) -> 
     """Build the HTTP app around a running (or still loading) engine.
 
     The engine records the metrics; the app only exposes `metrics.registry` on /metrics.
+    `app.state.lifecycle` is the shutdown state that `specvlm serve` drives on SIGTERM.
     """
-    app = FastAPI(title="specvlm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="specvlm", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     app.state.config = config
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.media_policy = MediaPolicy.from_config(config)
+    app.state.lifecycle = Lifecycle(config.shutdown_grace_seconds)
     app.state.created = int(time.time())
 
     app.include_router(chat.router)
     app.include_router(info_router)
     for exc_class in (APIError, RequestValidationError, StarletteHTTPException, PromptError, QueueFullError, EngineError):
         app.add_exception_handler(exc_class, handle_exception)
-    app.add_middleware(RequestContextMiddleware, config=config)
+    app.add_middleware(RequestContextMiddleware, config=config, lifecycle=app.state.lifecycle)
     return app
 
 
@@ -79,10 +87,18 @@ async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
 async def health(request: Request) -> JSONResponse:
     """Return 200 when the engine is loaded and running, else 503 with the reason.
 
-    The 503 is returned, not raised, so that polling during loading leaves no error logs.
+    The 503 is returned, not raised, so that polling during loading or shutdown leaves
+    no error logs.
     """
     try:
         check_engine_available(request.app.state.engine)
+        if request.app.state.lifecycle.draining:
+            raise APIError(
+                503,
+                "The server is shutting down.",
+                type=SERVICE_UNAVAILABLE,
+                code="server_shutting_down",
+            )
     except APIError as error:
         return JSONResponse(error.to_dict(), status_code=error.status_code)
     return JSONResponse({"status": "ok"})

@@ -1,8 +1,9 @@
 """POST /v1/chat/completions: validate, load images, prepare, submit, then stream or collect.
 
-Blocking work (JSON parsing of large bodies, image decoding, the chat template and
-tokenizer in `EngineClient.prepare`) runs in worker threads, never on the event loop.
-A client that disconnects, or a handler that is cancelled, aborts its engine request.
+Blocking work (JSON parsing of large bodies, image fetching and decoding, the chat
+template and tokenizer in `EngineClient.prepare`) runs in worker threads, never on the
+event loop. A client that disconnects, a handler that is cancelled, or the end of the
+shutdown grace period aborts the engine request.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import APIError, check_engine_available
+from server.api.lifecycle import Lifecycle
+from server.api.media import MediaPolicy
 from server.api.protocol import ChatCompletionRequest, build_engine_messages, parse_chat_request
 from server.api.streaming import ChatStream, Completion, SSEResponse, next_output, usage_dict
 from server.config import ServerConfig
@@ -35,17 +38,23 @@ class ClientDisconnected(Exception):
     """The client closed the connection before the response was ready."""
 
 
+class ShutdownRequested(Exception):
+    """The shutdown grace period ended before the response was ready."""
+
+
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: Request) -> Response:
     config: ServerConfig = request.app.state.config
     engine: EngineClient = request.app.state.engine
+    media: MediaPolicy = request.app.state.media_policy
+    lifecycle: Lifecycle = request.app.state.lifecycle
     request_id: str = request.state.request_id
     started = time.monotonic()
 
     check_engine_available(engine)
-    chat_request = await run_in_threadpool(parse_chat_request, await request.body())
+    chat_request = await run_in_threadpool(parse_chat_request, await request.body(), config)
     check_model(chat_request.model, engine.model_name)
-    messages = await run_in_threadpool(build_engine_messages, chat_request.messages, config)
+    messages = await run_in_threadpool(build_engine_messages, chat_request.messages, config, media)
     prompt = await run_in_threadpool(engine.prepare, messages)
     max_tokens = resolve_max_tokens(len(prompt.token_ids), chat_request, engine.max_model_len)
 
@@ -72,24 +81,34 @@ async def create_chat_completion(request: Request) -> Response:
             completion.id,
         )
 
+    shutdown = asyncio.Event()
+    lifecycle.watch(shutdown)
     handed_over = False  # true once the request finished or a ChatStream owns the abort
     try:
-        first = await until_disconnected(request, next_output(outputs))
+        first = await until_disconnected(request, next_output(outputs), shutdown)
         if chat_request.stream:
-            stream = ChatStream(completion, first, outputs, engine, chat_request.include_usage, log_finish, log_abort)
+            stream = ChatStream(
+                completion, first, outputs, engine, chat_request.include_usage, log_finish, log_abort,
+                lifecycle=lifecycle, shutdown=shutdown,
+            )
             handed_over = True
             return SSEResponse(stream)
 
-        text, last = await until_disconnected(request, collect_text(first, outputs))
+        text, last = await until_disconnected(request, collect_text(first, outputs), shutdown)
         handed_over = True
         log_finish(last)
         return JSONResponse(completion_body(completion, text, last))
     except ClientDisconnected:
         log_abort()
         return Response(status_code=499)  # nginx's "client closed request", seen only in the access log
+    except ShutdownRequested:
+        logger.info("request %s aborted at the end of the shutdown grace period: completion_id=%s",
+                    request_id, completion.id)
+        raise lifecycle.shutdown_error() from None
     finally:
         if not handed_over:
             engine.abort(completion.id)
+            lifecycle.unwatch(shutdown)
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -163,24 +182,28 @@ def completion_body(completion: Completion, text: str, last: RequestOutput) -> d
     }
 
 
-async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await `awaitable`, or raise ClientDisconnected (after cancelling it) if the client leaves first.
+async def until_disconnected(request: Request, awaitable: Awaitable[T], shutdown: asyncio.Event) -> T:
+    """Await `awaitable`, unless the client leaves or `shutdown` is set first.
 
-    The request body must have been read, so that the next ASGI message is the
-    disconnect.
+    Then it cancels `awaitable` and raises ClientDisconnected or ShutdownRequested. The
+    request body must have been read, so that the next ASGI message is the disconnect.
     """
     work = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    stopper = asyncio.ensure_future(shutdown.wait())
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         work.cancel()
         raise
     finally:
         watcher.cancel()
+        stopper.cancel()
     if work.done():
         return work.result()
     work.cancel()
+    if shutdown.is_set():
+        raise ShutdownRequested
     raise ClientDisconnected
 
 

@@ -1,7 +1,9 @@
-"""Image loading for `image_url` content parts: data URL -> RGB `PIL.Image`.
+"""Image loading for `image_url` content parts: URL -> RGB `PIL.Image`.
 
-Only `data:` URLs with base64 payloads are accepted for now. The pixel limit is
-checked from the image header, before any pixel is decoded. Every image comes out in
+`data:` URLs with base64 payloads are always accepted. http(s) URLs and local files
+are read by `server.api.media` when the server's settings allow them. The byte limit
+applies to every source, and the pixel limit is checked from the image header, before
+any pixel is decoded. Every image comes out in
 RGB with its EXIF orientation applied: alpha is composited on white, and 16-bit and
 float greyscale are scaled to 8 bits rather than clipped.
 
@@ -21,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from server.api.errors import APIError
+from server.api.media import MediaPolicy, fetch_http_image, read_local_image, too_large
 
 # Formats Pillow may open. A fixed list keeps other plugins (EPS runs Ghostscript)
 # away from untrusted bytes. JPEG includes MPO files from phone cameras.
@@ -35,14 +38,15 @@ _WHITESPACE = re.compile(r"\s+")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
-def load_image(url: str, param: str, max_pixels: int) -> Image.Image:
-    """Decode the image of a content part's `image_url.url` into an RGB image.
+def load_image(url: str, param: str, max_pixels: int, policy: MediaPolicy) -> Image.Image:
+    """Read and decode the image of a content part's `image_url.url` into an RGB image.
 
     `param` names the part in error messages, e.g. `messages[0].content[1].image_url`.
-    Raises a 413 APIError when width * height is over `max_pixels`, else a 400 APIError
-    for URLs that are not base64 data URLs and for data that is not a complete image.
+    Raises a 413 APIError when the file is over `policy.max_image_bytes` or width *
+    height is over `max_pixels`, else a 400 APIError for URLs that the policy rejects
+    and for data that is not a complete image.
     """
-    data = decode_data_url(url, param)
+    data = read_image_bytes(url, param, policy)
     image = open_image(data, param, max_pixels)
     try:
         image.load()
@@ -57,13 +61,25 @@ def load_image(url: str, param: str, max_pixels: int) -> Image.Image:
         ) from exc
 
 
-def decode_data_url(url: str, param: str) -> bytes:
-    """Return the bytes of a base64 `data:` URL, or raise a 400 APIError for any other URL."""
+def read_image_bytes(url: str, param: str, policy: MediaPolicy) -> bytes:
+    """Return the image file's bytes from a data URL, an http(s) URL, or a local path or file URL."""
     scheme = url[:8].lower()
+    if scheme.startswith("data:"):
+        return decode_data_url(url, param, policy.max_image_bytes)
     if scheme.startswith(("http://", "https://")):
-        raise _invalid_url(param, "Image URLs over http(s) are not supported yet")
-    if not scheme.startswith("data:"):
-        raise _invalid_url(param, "Local paths and URL schemes other than data: are not supported")
+        return fetch_http_image(url, param, policy)
+    if scheme.startswith("file:") or url.startswith("/"):
+        return read_local_image(url, param, policy)
+    raise _invalid_url(param, "The URL is not a data:, http(s) or file: URL, nor an absolute path")
+
+
+def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
+    """Return the bytes of a base64 `data:` URL, or raise a 400 APIError for any other URL.
+
+    Raises a 413 APIError when the decoded data would be over `max_bytes`, before decoding.
+    """
+    if not url[:5].lower().startswith("data:"):
+        raise _invalid_url(param, "The URL is not a data: URL")
 
     header, comma, payload = url[len("data:") :].partition(",")
     if not comma:
@@ -77,6 +93,9 @@ def decode_data_url(url: str, param: str) -> bytes:
     payload = _WHITESPACE.sub("", payload)
     if not payload:
         raise _invalid_url(param, "The data URL has no data")
+    decoded_size = len(payload) * 3 // 4 - len(payload) + len(payload.rstrip("="))
+    if decoded_size > max_bytes:
+        raise too_large(param, f"{decoded_size} bytes", max_bytes)
     altchars = b"-_" if ("-" in payload or "_" in payload) else None
     payload += "=" * (-len(payload) % 4)
     try:

@@ -1,4 +1,4 @@
-"""ASGI middleware around every HTTP request: request id, API key, body size limit.
+"""ASGI middleware around every HTTP request: request id, API key, shutdown, body size limit.
 
 It also turns any exception that escapes the routes into the 500 error object, so
 that every error response carries the `X-Request-Id` header and the id is logged
@@ -16,14 +16,17 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import AUTHENTICATION, APIError, error_response, log_error, to_api_error
+from server.api.lifecycle import Lifecycle, draining_error
 from server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 
-# Paths that monitoring and load balancers reach without the API key.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+# Monitoring paths: they stay open while the server shuts down, and they are not
+# counted as running requests. /health and /metrics need the API key only when
+# health_requires_api_key and metrics_requires_api_key are set. /version never does.
+MONITORING_PATHS = frozenset({"/health", "/metrics"})
 
 # A client's own request id is echoed only if it is short and printable, so that it
 # cannot break a log line or a response header.
@@ -34,13 +37,26 @@ class _ClientGone(Exception):
     """The client disconnected before it sent the whole request body."""
 
 
-class RequestContextMiddleware:
-    """Assign the request id, check the API key and read the body within `max_body_bytes`."""
+def open_paths(config: ServerConfig) -> frozenset[str]:
+    """Return the paths that need no API key under `config`."""
+    paths = {"/version"}
+    if not config.health_requires_api_key:
+        paths.add("/health")
+    if not config.metrics_requires_api_key:
+        paths.add("/metrics")
+    return frozenset(paths)
 
-    def __init__(self, app: ASGIApp, config: ServerConfig):
+
+class RequestContextMiddleware:
+    """Assign the request id, check the API key, reject requests while shutting down,
+    count running requests and read the body within `max_body_bytes`."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig, lifecycle: Lifecycle):
         self.app = app
         self.api_key = config.api_key
+        self.open_paths = open_paths(config)
         self.max_body_bytes = config.max_body_bytes
+        self.lifecycle = lifecycle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,8 +75,14 @@ class RequestContextMiddleware:
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
+        counted = False
         try:
             self._check_api_key(scope["path"], headers)
+            if scope["path"] not in MONITORING_PATHS:
+                if self.lifecycle.draining:
+                    raise draining_error()
+                self.lifecycle.in_flight += 1
+                counted = True
             replay = await self._read_body(headers, receive)
             await self.app(scope, replay, send_with_request_id)
         except _ClientGone:
@@ -71,11 +93,15 @@ class RequestContextMiddleware:
             if response_started:
                 raise
             await error_response(error)(scope, receive, send_with_request_id)
+        finally:
+            if counted:
+                self.lifecycle.in_flight -= 1
 
     def _check_api_key(self, path: str, headers: Headers) -> None:
         """Raise a 401 APIError unless the path is open or the bearer token matches."""
-        if self.api_key is None or path in OPEN_PATHS:
+        if self.api_key is None or path in self.open_paths:
             return
+        # RFC 6750: a 401 for a bearer token names the scheme in WWW-Authenticate.
         authorization = headers.get("authorization")
         if not authorization:
             raise APIError(
@@ -83,6 +109,7 @@ class RequestContextMiddleware:
                 "Missing API key. Send the header 'Authorization: Bearer <key>' with the server's --api-key.",
                 type=AUTHENTICATION,
                 code="missing_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
             )
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
@@ -91,6 +118,7 @@ class RequestContextMiddleware:
                 "Invalid API key. Send 'Authorization: Bearer <key>' with the key the server was started with.",
                 type=AUTHENTICATION,
                 code="invalid_api_key",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
 
     async def _read_body(self, headers: Headers, receive: Receive) -> Receive:

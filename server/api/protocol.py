@@ -16,10 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.errors import APIError, validation_error
 from server.api.images import load_image
+from server.api.media import MediaPolicy
 from server.config import ServerConfig
 from server.engine.types import SamplingParams
-
-MAX_STOP_SEQUENCES = 4
 
 
 class ImageURL(BaseModel):
@@ -104,8 +103,11 @@ class ChatCompletionRequest(BaseModel):
         )
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    """Parse and validate a request body, or raise a 400 APIError that names the invalid parameter."""
+def parse_chat_request(body: bytes, config: ServerConfig) -> ChatCompletionRequest:
+    """Parse and validate a request body, or raise a 400 APIError that names the invalid parameter.
+
+    `config` sets the limits on stop sequences.
+    """
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -125,6 +127,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     except ValidationError as exc:
         raise validation_error(exc.errors(include_url=False)) from exc
     _check_supported(request)
+    _check_stop(request.stop_list, config)
     _check_messages(request.messages)
     return request
 
@@ -172,18 +175,27 @@ def _check_supported(request: ChatCompletionRequest) -> None:
             param="stream_options",
             code="invalid_value",
         )
-    _check_stop(request.stop_list)
 
 
-def _check_stop(stop: list[str]) -> None:
-    if len(stop) > MAX_STOP_SEQUENCES:
+def _check_stop(stop: list[str], config: ServerConfig) -> None:
+    if len(stop) > config.max_stop_sequences:
         raise APIError(
             400,
-            f"'stop' has {len(stop)} sequences, more than the maximum of {MAX_STOP_SEQUENCES}.",
+            f"'stop' has {len(stop)} sequences, more than the maximum of {config.max_stop_sequences}. "
+            "Send fewer, or raise --max-stop-sequences (SPECVLM_MAX_STOP_SEQUENCES) on the server.",
             param="stop",
-            code="invalid_value",
+            code="too_many_stop_sequences",
         )
     for index, sequence in enumerate(stop):
+        if len(sequence) > config.max_stop_sequence_length:
+            raise APIError(
+                400,
+                f"'stop[{index}]' has {len(sequence)} characters, more than the maximum of "
+                f"{config.max_stop_sequence_length}. Shorten it, or raise --max-stop-sequence-length "
+                "(SPECVLM_MAX_STOP_SEQUENCE_LENGTH) on the server.",
+                param=f"stop[{index}]",
+                code="stop_sequence_too_long",
+            )
         if not sequence:
             raise APIError(
                 400,
@@ -227,11 +239,14 @@ def count_images(messages: list[ChatMessage]) -> int:
     )
 
 
-def build_engine_messages(messages: list[ChatMessage], config: ServerConfig) -> list[dict[str, Any]]:
-    """Decode the images and return messages in the form `EngineClient.prepare` takes.
+def build_engine_messages(
+    messages: list[ChatMessage], config: ServerConfig, media: MediaPolicy
+) -> list[dict[str, Any]]:
+    """Read and decode the images and return messages in the form `EngineClient.prepare` takes.
 
     Image parts become `{"type": "image", "image": PIL.Image}` in RGB. Raises a 400
-    APIError when there are more images than `config.max_images_per_request`.
+    APIError when there are more images than `config.max_images_per_request`, and the
+    errors of `load_image` for each image.
     """
     num_images = count_images(messages)
     if num_images > config.max_images_per_request:
@@ -255,7 +270,7 @@ def build_engine_messages(messages: list[ChatMessage], config: ServerConfig) -> 
             else:
                 assert part.image_url is not None  # checked by _check_messages
                 param = f"messages[{message_index}].content[{part_index}].image_url"
-                image = load_image(part.image_url.url, param, config.max_image_pixels)
+                image = load_image(part.image_url.url, param, config.max_image_pixels, media)
                 parts.append({"type": "image", "image": image})
         engine_messages.append({"role": message.role, "content": parts})
     return engine_messages

@@ -2,12 +2,14 @@
 
 One streamed completion is, in order: a chunk with `delta.role`, one chunk per piece
 of new text, a chunk with `finish_reason`, a usage chunk with `choices: []` when the
-client asked for it, and `data: [DONE]`. An engine error after the stream started
-replaces the rest with one `data: {"error": ...}` event before `[DONE]`.
+client asked for it, and `data: [DONE]`. An engine error after the stream started, or
+the end of the shutdown grace period, replaces the rest with one `data: {"error": ...}`
+event before `[DONE]`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.api.errors import SERVER_ERROR, APIError, to_api_error
+from server.api.lifecycle import Lifecycle
 from server.engine.types import EngineClient, EngineError, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ class ChatStream:
     `finished` turns true once the request is over: the engine reported a finish reason
     or an error, or reading its outputs failed (then the request is aborted at once).
     `close` aborts the engine request when the stream stops before, which means the
-    client disconnected.
+    client disconnected. When `shutdown` is set, the stream ends with the lifecycle's
+    shutdown error and aborts the engine request.
     """
 
     def __init__(
@@ -74,6 +78,8 @@ class ChatStream:
         include_usage: bool,
         on_finish: Callable[[RequestOutput], None],
         on_abort: Callable[[], None],
+        lifecycle: Lifecycle | None = None,
+        shutdown: asyncio.Event | None = None,
     ):
         self.completion = completion
         self.first = first
@@ -82,6 +88,9 @@ class ChatStream:
         self.include_usage = include_usage
         self.on_finish = on_finish
         self.on_abort = on_abort
+        self.lifecycle = lifecycle
+        self.shutdown = shutdown
+        self._cancelled_read: asyncio.Task | None = None
         self.finished = False
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -126,7 +135,15 @@ class ChatStream:
                         yield sse_event(self.usage_chunk(output))
                     self.on_finish(output)
                     break
-                output = await next_output(self.outputs)
+                next_one = await self._next_output()
+                if next_one is None:
+                    self.engine.abort(self.completion.id)
+                    self.finished = True
+                    logger.info("request %s aborted at the end of the shutdown grace period", self.completion.id)
+                    assert self.lifecycle is not None
+                    yield sse_event(self.lifecycle.shutdown_error().to_dict())
+                    break
+                output = next_one
         except Exception as exc:  # after the headers went out, any failure can only end the stream
             self.engine.abort(self.completion.id)
             self.finished = True
@@ -134,13 +151,44 @@ class ChatStream:
             yield sse_event(to_api_error(exc).to_dict())
         yield sse_event("[DONE]")
 
+    async def _next_output(self) -> RequestOutput | None:
+        """Return the next output, or None if the shutdown event is set first."""
+        if self.shutdown is None:
+            return await next_output(self.outputs)
+        if self.shutdown.is_set():
+            return None
+        work = asyncio.ensure_future(next_output(self.outputs))
+        stopper = asyncio.ensure_future(self.shutdown.wait())
+        try:
+            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._cancel_read(work)
+            raise
+        finally:
+            stopper.cancel()
+        if work.done():
+            return work.result()
+        self._cancel_read(work)
+        return None
+
+    def _cancel_read(self, work: asyncio.Task) -> None:
+        """Cancel a pending read of the engine's iterator.
+
+        The cancellation closes the iterator inside that task, and closing it from here
+        as well would fail while the task still runs it, so `close` leaves it alone.
+        """
+        work.cancel()
+        self._cancelled_read = work
+
     async def close(self) -> None:
         """Abort the engine request unless it finished, then close the engine's iterator."""
+        if self.lifecycle is not None and self.shutdown is not None:
+            self.lifecycle.unwatch(self.shutdown)
         if not self.finished:
             self.engine.abort(self.completion.id)
             self.on_abort()
         close_outputs = getattr(self.outputs, "aclose", None)
-        if close_outputs is not None:
+        if close_outputs is not None and (self._cancelled_read is None or self._cancelled_read.done()):
             await close_outputs()
 
 

@@ -77,6 +77,7 @@ class Engine:
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._alive = True
+        self._closed = False  # set under _lock when the thread stops, after which submit raises
         self._thread: threading.Thread | None = None
         self.load_error: str | None = None
         self.target: TargetModel | None = None
@@ -157,15 +158,18 @@ class Engine:
     def submit(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams):
         if not self.ready:
             raise EngineError("the engine is not ready; retry when /health returns 200")
+        request = _Request(request_id, prompt, params, asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
+            if self._closed:
+                raise EngineError("the engine has stopped; retry when /health returns 200")
             if self._num_waiting >= self.config.max_waiting_requests:
                 raise QueueFullError(
                     f"{self._num_waiting} requests are waiting (--max-waiting-requests "
                     f"{self.config.max_waiting_requests}); retry later"
                 )
             self._num_waiting += 1
-        request = _Request(request_id, prompt, params, asyncio.get_running_loop(), asyncio.Queue())
-        self._inbox.put(request)
+            # Put under the lock, so that `_fail_remaining` cannot miss it.
+            self._inbox.put(request)
         return self._stream(request)
 
     async def _stream(self, request: _Request):
@@ -201,9 +205,27 @@ class Engine:
             logger.exception("engine thread failed")
             self.load_error = f"{type(error).__name__}: {error}"
             self._alive = False
-            for request in [*self._waiting, *self._running.values()]:
-                self._fail(request, "the engine stopped after an internal error")
+            self._fail_remaining("the engine stopped after an internal error")
             self._ready.set()
+        else:
+            self._fail_remaining("the engine stopped because the server is shutting down")
+
+    def _fail_remaining(self, message: str) -> None:
+        """Refuse new requests, then end every request not yet finished with an error output.
+
+        Without this, a client waiting on a request that the stopped thread will never
+        serve would wait forever.
+        """
+        with self._lock:
+            self._closed = True
+        self._receive(block=False)
+        remaining = [request for request in [*self._waiting, *self._running.values()] if not request.finished]
+        if remaining:
+            logger.warning("ending %d unfinished request(s) with an error: %s", len(remaining), message)
+        for request in remaining:
+            self._fail(request, message)
+        self._waiting.clear()
+        self._running.clear()
 
     def _receive(self, block: bool) -> None:
         try:

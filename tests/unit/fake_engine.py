@@ -2,8 +2,8 @@
 
 `FakeEngine.submit` yields one `RequestOutput` per script piece from the event loop.
 Switches make it fail the way the real engine can: a full queue, not ready, dead, an
-error output after some pieces, a `PromptError` from `prepare`, or a stream that never
-finishes (for disconnect tests). It records what it was given and every abort.
+error output after some pieces, a `PromptError` from `prepare`, a stream that never
+finishes (for disconnect tests), or one whose last piece waits for an event. It records what it was given and every abort.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class FakeEngine:
     prompt_error: PromptError | None = None
     prepare_exception: Exception | None = None
     never_finish: bool = False  # after the script, wait until cancelled
+    finish_gate: asyncio.Event | None = None  # when set, the last piece waits for this event
 
     # Records.
     prepared: list[list[dict[str, Any]]] = field(default_factory=list)
@@ -106,6 +107,8 @@ class FakeEngine:
                 yield RequestOutput(request_id, prompt_tokens=prompt_tokens, error="The engine failed on purpose.")
                 return
             is_last = index == len(pieces) - 1 and not self.never_finish
+            if is_last and self.finish_gate is not None:
+                await self.finish_gate.wait()
             yield RequestOutput(
                 request_id,
                 text=piece,

@@ -349,14 +349,18 @@ def test_image_at_pixel_limit_accepted(client: TestClient) -> None:
     assert response.status_code == 200
 
 
-def test_http_image_url_rejected(client: TestClient) -> None:
+def test_http_image_url_of_unlisted_host_rejected(client: TestClient) -> None:
+    # No host is allowed by default, so this is rejected before any name resolution.
     messages = [image_message("https://example.com/cat.png")]
 
     error = assert_error(
-        client.post(URL, json=chat_body(messages=messages)), 400, param="messages[0].content[1].image_url"
+        client.post(URL, json=chat_body(messages=messages)),
+        400,
+        param="messages[0].content[1].image_url",
+        code="image_url_not_allowed",
     )
 
-    assert "data:image/png;base64" in error["message"]
+    assert "--allowed-media-domains" in error["message"]
 
 
 def test_too_many_images_rejected(client: TestClient, config: ServerConfig) -> None:
@@ -472,7 +476,23 @@ def test_unsupported_parameter_rejected(client: TestClient, field: str, value: A
 
 
 def test_too_many_stop_sequences_rejected(client: TestClient) -> None:
-    assert_error(client.post(URL, json=chat_body(stop=["a", "b", "c", "d", "e"])), 400, param="stop")
+    error = assert_error(
+        client.post(URL, json=chat_body(stop=["a", "b", "c", "d", "e"])), 400, param="stop", code="too_many_stop_sequences"
+    )
+
+    assert "maximum of 4" in error["message"]
+    assert "--max-stop-sequences" in error["message"]
+
+
+def test_stop_sequence_limits_follow_config(engine: FakeEngine, metrics: Metrics) -> None:
+    config = ServerConfig(api_key=None, max_stop_sequences=6, max_stop_sequence_length=3)
+    client = TestClient(create_app(config, engine, metrics))
+
+    assert client.post(URL, json=chat_body(stop=["a", "b", "c", "d", "e", "f"])).status_code == 200
+    error = assert_error(
+        client.post(URL, json=chat_body(stop=["abc", "abcd"])), 400, param="stop[1]", code="stop_sequence_too_long"
+    )
+    assert "--max-stop-sequence-length" in error["message"]
 
 
 def test_empty_stop_sequence_rejected(client: TestClient) -> None:
@@ -498,6 +518,28 @@ def test_body_over_limit_is_413(client: TestClient, config: ServerConfig) -> Non
     error = assert_error(response, 413, code="request_too_large")
     assert "max-body-bytes" in error["message"]
     assert_still_serves(client)
+
+
+def test_data_url_over_image_byte_limit_is_413(engine: FakeEngine, metrics: Metrics) -> None:
+    url = png_data_url(64, 64)
+    decoded_size = len(base64.b64decode(url.split(",", 1)[1]))
+    config = ServerConfig(api_key=None, max_image_bytes=decoded_size - 1)
+    client = TestClient(create_app(config, engine, metrics))
+
+    response = client.post(URL, json=chat_body(messages=[image_message(url)]))
+
+    error = assert_error(response, 413, param="messages[0].content[1].image_url", code="image_too_large")
+    assert f"limit of {decoded_size - 1} bytes" in error["message"]
+    assert "--max-image-bytes" in error["message"]
+    assert engine.prepared == []
+
+
+def test_data_url_at_image_byte_limit_accepted(engine: FakeEngine, metrics: Metrics) -> None:
+    url = png_data_url(64, 64)
+    config = ServerConfig(api_key=None, max_image_bytes=len(base64.b64decode(url.split(",", 1)[1])))
+    client = TestClient(create_app(config, engine, metrics))
+
+    assert client.post(URL, json=chat_body(messages=[image_message(url)])).status_code == 200
 
 
 # Engine state and failures
@@ -585,12 +627,28 @@ def auth_client(engine: FakeEngine, metrics: Metrics) -> TestClient:
 def test_wrong_api_key_is_401(auth_client: TestClient) -> None:
     response = auth_client.post(URL, json=chat_body(), headers={"Authorization": "Bearer wrong"})
 
+    error = assert_error(response, 401, code="invalid_api_key")
+    assert error["type"] == "authentication_error"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "sesame" not in response.text
+
+
+@pytest.mark.parametrize("authorization", ["sesame", "Basic sesame", "Bearer sesame2", "Bearer  sesamE"])
+def test_malformed_authorization_is_401(auth_client: TestClient, authorization: str) -> None:
+    response = auth_client.post(URL, json=chat_body(), headers={"Authorization": authorization})
+
     assert_error(response, 401, code="invalid_api_key")
 
 
 def test_missing_api_key_is_401(auth_client: TestClient) -> None:
-    assert_error(auth_client.post(URL, json=chat_body()), 401, code="missing_api_key")
+    response = auth_client.post(URL, json=chat_body())
+
+    assert_error(response, 401, code="missing_api_key")
+    assert response.headers["WWW-Authenticate"] == "Bearer"
     assert_error(auth_client.get("/v1/models"), 401)
+    assert_error(auth_client.get("/v1/models/fake-vlm"), 401)
+    assert_error(auth_client.get("/openapi.json"), 401)
+    assert_error(auth_client.get("/v1/unknown"), 401)
 
 
 def test_right_api_key_is_accepted(auth_client: TestClient) -> None:
@@ -608,6 +666,23 @@ def test_auth_checked_before_body(auth_client: TestClient) -> None:
 @pytest.mark.parametrize("path", ["/health", "/metrics", "/version"])
 def test_open_paths_need_no_api_key(auth_client: TestClient, path: str) -> None:
     assert auth_client.get(path).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("setting", "path"), [("health_requires_api_key", "/health"), ("metrics_requires_api_key", "/metrics")]
+)
+def test_monitoring_path_can_require_api_key(engine: FakeEngine, metrics: Metrics, setting: str, path: str) -> None:
+    config = ServerConfig(api_key="sesame", **{setting: True})
+    client = TestClient(create_app(config, engine, metrics))
+
+    assert_error(client.get(path), 401, code="missing_api_key")
+    assert client.get(path, headers={"Authorization": "Bearer sesame"}).status_code == 200
+    assert client.get("/version").status_code == 200
+
+
+def test_empty_api_key_setting_rejected() -> None:
+    with pytest.raises(ValueError, match="api_key"):
+        ServerConfig(api_key="")
 
 
 # Other routes

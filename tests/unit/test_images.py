@@ -14,15 +14,18 @@ from PIL import Image
 
 from server.api.errors import APIError
 from server.api.images import decode_data_url, load_image
+from server.api.media import MediaPolicy
 
 PARAM = "messages[0].content[1].image_url"
 MAX_PIXELS = 512 * 512
+MAX_BYTES = 1024 * 1024
+POLICY = MediaPolicy(max_image_bytes=MAX_BYTES)
 RED = (255, 0, 0)
 WHITE = (255, 255, 255)
 
 
 def load(url: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    return load_image(url, PARAM, max_pixels)
+    return load_image(url, PARAM, max_pixels, POLICY)
 
 
 def assert_close(pixel: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 12) -> None:
@@ -244,7 +247,7 @@ def test_base64_with_line_breaks_and_no_padding() -> None:
 def test_url_safe_base64_accepted() -> None:
     data = bytes(range(256)) * 3
 
-    decoded = decode_data_url("data:image/png;base64," + base64.urlsafe_b64encode(data).decode(), PARAM)
+    decoded = decode_data_url("data:image/png;base64," + base64.urlsafe_b64encode(data).decode(), PARAM, MAX_BYTES)
 
     assert decoded == data
 
