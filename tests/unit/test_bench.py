@@ -252,3 +252,16 @@ def test_load_summary_without_completed_requests():
     assert level["requests_completed"] == 0
     assert level["ttft_ms"] is None
     assert level["output_tokens_per_second"] == 0.0
+
+
+def test_load_summary_response_without_text():
+    records = [
+        RequestRecord(ok=True, output_tokens=1, ttft_seconds=None, latency_seconds=0.2),
+        RequestRecord(ok=True, output_tokens=4, ttft_seconds=0.1, latency_seconds=0.4, chunk_gaps=[0.1]),
+    ]
+    level = summarize_level(2, records, seconds=1.0, planned=2)
+    assert level["requests_completed"] == 2
+    assert level["requests_without_text"] == 1
+    assert level["output_tokens"] == 5
+    assert level["ttft_ms"]["p99"] == pytest.approx(100.0)
+    assert level["tpot_ms"]["p50"] == pytest.approx(100.0)
