@@ -42,7 +42,8 @@ class PeakGrowth:
 
     `growth_bytes` stays None where nothing can be measured. On CPU a background thread
     samples the resident set, so it can miss an allocation that lives shorter than the
-    sampling period. The CPU value is therefore a lower bound.
+    sampling period. Memory that the allocator kept from earlier runs is reused without
+    growing the resident set, too. The CPU value is therefore a lower bound.
     """
 
     def __init__(self, device: torch.device):

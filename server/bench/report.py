@@ -206,6 +206,9 @@ def load_chart(result: dict, path: Path) -> None:
     right.set_ylabel("ms")
     right.set_xscale("log", base=2)
     right.legend()
+    for axis in (left, right):
+        axis.set_xticks(clients, [str(count) for count in clients])
+        axis.minorticks_off()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -110,7 +110,7 @@ def build_system_specs(compressor_modes: list[str], prompt_lookup_tokens: int,
         specs.append(SystemSpec(compressor_system_name(mode), "engine", overrides, needs_draft=True))
     if only is None:
         return specs
-    names = {spec.name for spec in specs}
+    names = [spec.name for spec in specs]
     unknown = [name for name in only if name not in names]
     if unknown:
         raise ValueError(f"unknown system {', '.join(unknown)} in --systems; expected names from {', '.join(names)}")
