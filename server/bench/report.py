@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -14,6 +15,8 @@ import torch
 
 from server import __version__
 from server.bench.systems import BASELINE
+
+logger = logging.getLogger(__name__)
 
 JSON_NAME, MARKDOWN_NAME, CHART_NAME = "results.json", "results.md", "chart.png"
 
@@ -215,14 +218,19 @@ def load_chart(result: dict, path: Path) -> None:
 
 
 def write_report(result: dict, out: Path) -> list[Path]:
-    """Write results.json, results.md and chart.png into `out`; return the paths."""
+    """Write results.json, results.md and chart.png into `out`; return the paths written.
+
+    Without matplotlib the chart is skipped with a warning, so a long run still keeps
+    its JSON and markdown.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / JSON_NAME, out / MARKDOWN_NAME, out / CHART_NAME]
+    offline = result["kind"] == "offline"
+    paths = [out / JSON_NAME, out / MARKDOWN_NAME]
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
-    if result["kind"] == "offline":
-        paths[1].write_text(offline_markdown(result))
-        offline_chart(result, paths[2])
-    else:
-        paths[1].write_text(load_markdown(result))
-        load_chart(result, paths[2])
-    return paths
+    paths[1].write_text(offline_markdown(result) if offline else load_markdown(result))
+    try:
+        (offline_chart if offline else load_chart)(result, out / CHART_NAME)
+    except RuntimeError as error:
+        logger.warning("skipped %s: %s", out / CHART_NAME, error)
+        return paths
+    return [*paths, out / CHART_NAME]

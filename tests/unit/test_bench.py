@@ -265,3 +265,17 @@ def test_load_summary_response_without_text():
     assert level["output_tokens"] == 5
     assert level["ttft_ms"]["p99"] == pytest.approx(100.0)
     assert level["tpot_ms"]["p50"] == pytest.approx(100.0)
+
+
+def test_report_without_matplotlib(offline_run, tmp_path, monkeypatch):
+    from server.bench import report
+
+    def missing_matplotlib():
+        raise RuntimeError("the chart needs matplotlib")
+
+    monkeypatch.setattr(report, "_pyplot", missing_matplotlib)
+    result = json.loads((offline_run / "results.json").read_text())
+    paths = report.write_report(result, tmp_path / "no-chart")
+    assert [path.name for path in paths] == ["results.json", "results.md"]
+    assert not (tmp_path / "no-chart" / "chart.png").exists()
+    assert (tmp_path / "no-chart" / "results.md").read_text().startswith("## Side-by-side decoding speed")
