@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_model.add_parser(subparsers)
     self_distill.add_parser(subparsers)
     train_draft.add_parser(subparsers)
+    from server.bench import cli as bench
+
+    bench.add_parser(subparsers)
     return parser
 
 

@@ -328,7 +328,7 @@ class Engine:
         for token in tokens:
             count += 1
             request.completion_tokens += 1
-            if token in eos:
+            if token in eos and not request.params.ignore_eos:
                 finish = FINISH_STOP
                 break
             text += request.detokenizer.add_token(token)

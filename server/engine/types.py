@@ -44,6 +44,7 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k filtering
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep decoding past EOS to max_tokens, for benchmarks with fixed lengths
 
     @property
     def greedy(self) -> bool:
