@@ -102,9 +102,13 @@ class Engine:
         if draft is not None and self.config.tree_total_tokens is None:
             self._choose_tree_size()
         self._detokenizer_tokenizer = copy.deepcopy(self.target.tokenizer)
+        if self.decoder.draft is None:
+            drafting = "off"
+        else:
+            drafting = f"on ({self.decoder.total_tokens}-token tree, compressor {self.decoder.compressor_mode})"
         logger.info(
             "engine ready: model %s, draft %s, %d slots of %d tokens, KV cache %.1f MiB",
-            self.model_name, "on" if draft is not None else "off", self.config.max_num_seqs,
+            self.model_name, drafting, self.config.max_num_seqs,
             self.max_model_len, self.decoder.kv_cache_bytes() / 2**20,
         )
 
