@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from compressors import CompressorConfig
+from draft_models.eagle import write_initial_draft
 from engine_helpers import run_requests
 from server.bench.load import RequestRecord, summarize_level
 from server.bench.prompts import load_prompts
@@ -31,7 +33,11 @@ RESULT_FIELDS = {
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("bench-tiny"))
+    """The tiny target and a draft with a select-mode compressor, so every system can run."""
+    root = tmp_path_factory.mktemp("bench-tiny")
+    target, _ = build_tiny_checkpoint(root)
+    write_initial_draft(target, root / "compressor-draft", compressor=CompressorConfig(mode="select"))
+    return target, root / "compressor-draft"
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +125,10 @@ def test_compressor_modes_from_draft_config(tmp_path):
     assert parse_compressor_modes(None, tmp_path) == ["weight"]
 
 
-def test_compressor_modes_without_compressor(tiny_checkpoint):
+def test_compressor_modes_from_the_draft(tiny_checkpoint):
     _, draft = tiny_checkpoint
-    assert parse_compressor_modes(None, draft) == []
+    assert parse_compressor_modes(None, draft) == ["select"]
+    assert parse_compressor_modes(None, draft.parent / "draft") == []  # a draft without a compressor
     assert parse_compressor_modes(None, None) == []
 
 
