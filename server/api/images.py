@@ -68,9 +68,16 @@ def read_image_bytes(url: str, param: str, policy: MediaPolicy) -> bytes:
         return decode_data_url(url, param, policy.max_image_bytes)
     if scheme.startswith(("http://", "https://")):
         return fetch_http_image(url, param, policy)
+    if _RAW_BASE64.fullmatch(url[:4096]):
+        # Base64 of a JPEG starts with "/9j/", which would otherwise read as a local path.
+        raise _invalid_url(param, "The URL looks like base64 image data without the data: prefix")
     if scheme.startswith("file:") or url.startswith("/"):
         return read_local_image(url, param, policy)
     raise _invalid_url(param, "The URL is not a data:, http(s) or file: URL, nor an absolute path")
+
+
+# Long runs of the base64 alphabet only: no dot, so no file name with an extension.
+_RAW_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]{64,}")
 
 
 def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:

@@ -363,3 +363,14 @@ def test_pillow_decompression_bomb_guard_is_413() -> None:
     assert caught.value.status_code == 413
     assert caught.value.code == "image_too_large"
     assert caught.value.param == PARAM
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
+def test_raw_base64_without_data_prefix_is_named(image_format: str) -> None:
+    buffer = io.BytesIO()
+    half_red_half_blue().save(buffer, format=image_format)
+    raw = base64.b64encode(buffer.getvalue()).decode()
+    with pytest.raises(APIError) as caught:
+        load(raw)
+    assert caught.value.status_code == 400
+    assert "without the data: prefix" in caught.value.message
