@@ -30,9 +30,9 @@ from compressors.primitives import (
     Prune,
     Resampler,
     TextOnly,
+    average_pool,
     grid_for,
     pool_to_budget,
-    pooled_grid,
 )
 
 MODES = ("select", "weight", "concat", "none")
@@ -171,9 +171,7 @@ class VisualCompressor(nn.Module):
         logits = self.gate_logits(context)[[PRIMITIVES.index(name) for name in WEIGHTED]]
         weights = F.softmax(logits, -1).to(rows.dtype)
         conv = self.primitives["conv"](rows, context)
-        pooled = F.adaptive_avg_pool2d(
-            rows.T.reshape(1, rows.shape[1], *context.grid), pooled_grid(*context.grid, self.primitives["conv"].kernel)
-        ).flatten(2)[0].T
+        pooled = average_pool(rows, context.grid, self.primitives["conv"].kernel)
         pruned = self.primitives["prune"](rows, context, keep=conv.shape[0])
         return weights[0] * pruned + weights[1] * pooled + weights[2] * conv
 

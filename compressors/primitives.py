@@ -74,8 +74,8 @@ class Prune(nn.Module):
             scores = torch.rand(rows.shape[0], generator=generator)
         else:
             scores = F.cosine_similarity(context.visual_features.float(), context.text_summary.float()[None], dim=-1)
-        kept = scores.topk(keep).indices.sort().values.to(rows.device)
-        return rows[kept]
+        indices = scores.topk(keep).indices.sort().values.to(rows.device)
+        return rows[indices]
 
 
 class Pool(nn.Module):
@@ -91,19 +91,23 @@ class Pool(nn.Module):
         return out_h * out_w
 
     def forward(self, rows: torch.Tensor, context: ImageContext) -> torch.Tensor:
-        h, w = context.grid
-        return _as_rows(F.adaptive_avg_pool2d(_as_image(rows, h, w), pooled_grid(h, w, self.kernel)))
+        return average_pool(rows, context.grid, self.kernel)
+
+
+def average_pool(rows: torch.Tensor, grid: tuple[int, int], kernel: int) -> torch.Tensor:
+    """Average an image's rows over `kernel x kernel` cells of its grid."""
+    h, w = grid
+    return _as_rows(F.adaptive_avg_pool2d(_as_image(rows, h, w), pooled_grid(h, w, kernel)))
 
 
 def pool_to_budget(rows: torch.Tensor, grid: tuple[int, int], budget: int) -> torch.Tensor:
     """Average-pool an image's rows to at most `budget` rows (none for a budget of 0)."""
     if budget <= 0:
         return rows[:0]
-    h, w = grid
     kernel = 1
-    while math.prod(pooled_grid(h, w, kernel)) > budget:
+    while math.prod(pooled_grid(*grid, kernel)) > budget:
         kernel += 1
-    return _as_rows(F.adaptive_avg_pool2d(_as_image(rows, h, w), pooled_grid(h, w, kernel)))
+    return average_pool(rows, grid, kernel)
 
 
 class Conv(nn.Module):

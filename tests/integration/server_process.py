@@ -68,17 +68,21 @@ class ServerProcess:
                 time.sleep(0.25)
 
     def stop(self) -> None:
-        """Terminate the process, and kill it if it is still running after `STOP_TIMEOUT_SECONDS`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        stop_process(self.process)
 
     def log_tail(self) -> str:
         """Return the end of the server log, for failure messages."""
         text = self.log_path.read_text(errors="replace")
         return f"--- server log ({self.log_path}), last {LOG_TAIL_CHARS} characters ---\n{text[-LOG_TAIL_CHARS:]}"
+
+
+def stop_process(process: subprocess.Popen | None) -> None:
+    """Terminate a child process, and kill it if it is still running after `STOP_TIMEOUT_SECONDS`."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=STOP_TIMEOUT_SECONDS)

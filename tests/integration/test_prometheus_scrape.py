@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from server_process import HOST, ServerProcess, free_port
+from server_process import HOST, ServerProcess, free_port, stop_process
 from tiny_models import build_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -26,7 +26,6 @@ pytestmark = pytest.mark.integration
 SCRAPE_INTERVAL_SECONDS = 1
 PROMETHEUS_READY_TIMEOUT_SECONDS = 60.0
 QUERY_TIMEOUT_SECONDS = 60.0
-STOP_TIMEOUT_SECONDS = 15.0
 
 
 def require_tool(name: str) -> str:
@@ -91,14 +90,7 @@ class PrometheusProcess:
             time.sleep(0.25)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        stop_process(self.process)
 
     def query(self, expression: str) -> list[dict]:
         """Return the result vector of an instant query."""

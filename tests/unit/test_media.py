@@ -449,7 +449,7 @@ def test_symlink_within_root_read(media_root: Path) -> None:
     assert read_local_image(str(media_root / "alias.png"), PARAM, local_policy(media_root)) == PNG
 
 
-def test_missing_outside_and_inside_root_differ_only_by_place(media_root: Path) -> None:
+def test_outside_root_error_hides_existence(media_root: Path) -> None:
     with pytest.raises(APIError) as outside:
         read_local_image(str(media_root.parent / "nothing.png"), PARAM, local_policy(media_root))
     with pytest.raises(APIError) as inside:
