@@ -81,8 +81,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _missing_path_error(config) -> str | None:
     """Return a one-line error for the first input path that does not exist, else None."""
-    checks = [
-        ("--data", config.data, Path.is_file),
+    checks = [("--data", path, Path.is_file) for path in config.data_files()]
+    checks += [
         ("--eval-data", config.eval_data, Path.is_file),
         ("--image-folder", config.image_folder, Path.is_dir),
         ("--target", config.target, Path.is_dir),

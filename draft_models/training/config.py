@@ -22,7 +22,9 @@ class TrainingConfig(BaseModel):
 
     # Inputs and outputs
     target: str | None = Field(None, description="Target checkpoint folder. Default: the demo model (built on first use).")
-    data: str = Field(description="Training conversations: a LLaVA or ShareGPT JSON list, or JSON lines.")
+    data: str = Field(
+        description="Training conversations: a LLaVA or ShareGPT JSON list, or JSON lines; several files separated by commas, whose records are numbered in that order."
+    )
     image_folder: str | None = Field(None, description="Folder that relative image paths in the data resolve against.")
     eval_data: str | None = Field(None, description="Held-out conversations for the MAL evaluation; none skips it.")
     out: str = Field(description="Output folder: checkpoints, metrics.jsonl, mal.png and the final draft.")
@@ -98,6 +100,10 @@ class TrainingConfig(BaseModel):
         if self.init_from is not None and (self.variant or self.feature_sampling is not None or self.partial_alignment is not None):
             raise ValueError("--init-from takes the variant from the checkpoint; drop --variant and the FSPAD flags")
         return self
+
+    def data_files(self) -> list[str]:
+        """Return the --data files in order."""
+        return [path.strip() for path in self.data.split(",") if path.strip()]
 
     def draft_variant(self) -> tuple[bool, bool]:
         """Return (feature_sampling, partial_alignment) for a new draft."""

@@ -100,9 +100,10 @@ class DraftTrainer:
         if max_length < config.max_length:
             logger.info("max length %d is above the target's context, using %d", config.max_length, max_length)
         self.encoder = ConversationEncoder.for_target(target, max_length)
-        self.dataset = ConversationDataset(load_records(config.data), self.encoder, config.image_folder, "training")
+        records = [record for path in config.data_files() for record in load_records(path)]
+        self.dataset = ConversationDataset(records, self.encoder, config.image_folder, "training")
         if len(self.dataset) == 0:
-            raise ValueError(f"{config.data} contains no records")
+            raise ValueError(f"--data {config.data} contains no records")
         self.eval_prompts = self._load_eval_prompts() if self.context.is_main else []
 
         self.draft = build_draft(config, target, self.context.device)

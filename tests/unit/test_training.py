@@ -394,6 +394,18 @@ def test_text_only_target_trains(workspace, tmp_path):
 # ----- command line --------------------------------------------------------------------
 
 
+def test_data_files_numbered_in_order(target, workspace, tmp_path):
+    first, second = tmp_path / "first.json", tmp_path / "second.jsonl"
+    first.write_text(json.dumps([IMAGE_RECORD, TEXT_RECORD]))
+    second.write_text("\n".join(json.dumps(record) for record in [{"conversations": 7}, ROLE_RECORD]) + "\n")
+    config = make_config(workspace, tmp_path / "out", data=f"{first}, {second}", max_steps=2)
+    assert config.data_files() == [str(first), str(second)]
+    trainer = DraftTrainer(config, target)
+    assert len(trainer.dataset) == 4
+    result = trainer.run()
+    assert list(result.skipped) == [2]  # the bad record of the second file, after the first file's two
+
+
 def test_cli_registers_train_draft(tmp_path):
     args = build_parser().parse_args(["train-draft", "--data", "d.json", "--out", str(tmp_path), "--variant", "fspad"])
     assert args.command == "train-draft"
@@ -408,6 +420,13 @@ def test_cli_missing_data_file(tmp_path, capsys):
     assert error.count("\n") == 0
     assert "none.json" in error
     assert "not found" in error
+
+
+def test_cli_missing_second_data_file(workspace, tmp_path, capsys):
+    data = f"{workspace / 'train.json'},{tmp_path / 'other.json'}"
+    args = build_parser().parse_args(["train-draft", "--data", data, "--out", str(tmp_path / "out")])
+    assert run_train_draft_command(args) == 1
+    assert "--data " + str(tmp_path / "other.json") + ": file not found" in capsys.readouterr().err
 
 
 def test_prompt_only_record_is_eval_prompt(target):
