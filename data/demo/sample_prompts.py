@@ -7,18 +7,21 @@ learns those answers rather than the target (for the first demo draft, teacher-f
 top-1 accuracy was 0.78 on them and 0.44 on the held-out set). An instruction-tuned model asked to continue its chat
 template right after the user header writes a plausible user request (Magpie, Xu et al.
 2024, arXiv:2406.08464), so sampling there gives prompts on whatever topics the target
-has learned. `specvlm self-distill` then fills in the target's answers.
+has learned. `specvlm self-distill` then writes the target's replies into the empty
+assistant turns.
 
 A sampled request is kept only if the target ended it (no truncated requests), it has at
-least three words, it is not a repeat of an earlier one, and it names no held-out topic
-(`prompt_parts.HELDOUT_KEYWORDS`), so the held-out set stays unseen. A share of them is
-paired with one of the training photos. The output is deterministic for a given seed,
-batch size and machine: each batch is sampled from its own seed.
+least three words, and it is not a repeat of an earlier one. It must also name no
+held-out topic (`prompt_parts.HELDOUT_KEYWORDS`), so the held-out set stays unseen. A
+share of the kept requests is paired with one of the training photos. The output is
+deterministic for a given seed, batch size and machine, because each batch is sampled
+from its own seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 from pathlib import Path
@@ -68,6 +71,11 @@ def sample_batch(tokenizer, model, header, batch_size: int, seed: int, max_new_t
     return requests
 
 
+def normalized(request: str) -> str:
+    """Return the request lowercased with runs of whitespace collapsed, the key for repeats."""
+    return " ".join(request.lower().split())
+
+
 def rejection(request: str, seen: set[str], heldout_pattern: re.Pattern) -> str | None:
     """Return why a sampled request is dropped, or None to keep it."""
     if len(request.split()) < MIN_WORDS:
@@ -76,9 +84,16 @@ def rejection(request: str, seen: set[str], heldout_pattern: re.Pattern) -> str 
         return "image placeholder"
     if heldout_pattern.search(request.lower()):
         return "held-out topic"
-    if " ".join(request.lower().split()) in seen:
+    if normalized(request) in seen:
         return "repeat"
     return None
+
+
+def photo_for(index: int, images: list[str], image_every: int) -> str | None:
+    """Return the training photo for kept request `index`: every `image_every`-th gets one, in turn."""
+    if image_every == 0 or index % image_every != 0:
+        return None
+    return images[(index // image_every) % len(images)]
 
 
 def record(index: int, request: str, image: str | None) -> dict:
@@ -98,7 +113,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "prompts_sampled.json",
                         help="output file (default: data/demo/prompts_sampled.json)")
     parser.add_argument("--image-share", type=float, default=0.2,
-                        help="share of kept requests paired with a training photo (default: 0.2)")
+                        help="share of kept requests paired with a training photo, applied as every round(1 / X)-th "
+                             "request (default: 0.2)")
     parser.add_argument("--batch-size", type=int, default=48, help="requests sampled at once (default: 48)")
     parser.add_argument("--max-new-tokens", type=int, default=64,
                         help="maximum request length in tokens; longer ones are dropped (default: 64)")
@@ -114,36 +130,35 @@ def main() -> None:
     images = [f"images/{stem}.jpg" for stem in parts.TRAIN_IMAGES]
     image_every = round(1 / args.image_share) if args.image_share else 0
 
-    kept: list[dict] = []
+    kept_records: list[dict] = []
     seen: set[str] = set()
-    dropped: dict[str, int] = {}
+    dropped: collections.Counter[str] = collections.Counter()
     bar = tqdm(total=args.count, desc="sample-prompts", unit="prompt")
     batch_index = 0
-    while len(kept) < args.count:
+    while len(kept_records) < args.count:
         sampled = sample_batch(tokenizer, model, header, args.batch_size, args.seed * 1_000_003 + batch_index,
                                args.max_new_tokens)
-        dropped["truncated"] = dropped.get("truncated", 0) + args.batch_size - len(sampled)
+        dropped["truncated"] += args.batch_size - len(sampled)
         batch_index += 1
         for request in sampled:
+            if len(kept_records) == args.count:
+                break
             reason = rejection(request, seen, heldout_pattern)
             if reason is not None:
-                dropped[reason] = dropped.get(reason, 0) + 1
+                dropped[reason] += 1
                 continue
-            if len(kept) == args.count:
-                break
-            seen.add(" ".join(request.lower().split()))
-            index = len(kept)
-            image = images[(index // image_every) % len(images)] if image_every and index % image_every == 0 else None
-            kept.append(record(index, request, image))
+            seen.add(normalized(request))
+            index = len(kept_records)
+            kept_records.append(record(index, request, photo_for(index, images, image_every)))
             bar.update(1)
     bar.close()
 
     with open(args.out, "w", encoding="utf-8") as file:
-        json.dump(kept, file, indent=1, ensure_ascii=False)
+        json.dump(kept_records, file, indent=1, ensure_ascii=False)
         file.write("\n")
-    with_images = sum(1 for entry in kept if "image" in entry)
-    print(f"{args.out}: {len(kept)} requests ({with_images} with a photo) from {batch_index} batches; "
-          f"dropped: {dropped}")
+    with_images = sum(1 for entry in kept_records if "image" in entry)
+    print(f"{args.out}: {len(kept_records)} requests ({with_images} with a photo) from {batch_index} batches; "
+          f"dropped: {dict(dropped)}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ class TrainingConfig(BaseModel):
     # Inputs and outputs
     target: str | None = Field(None, description="Target checkpoint folder. Default: the demo model (built on first use).")
     data: str = Field(
-        description="Training conversations: a LLaVA or ShareGPT JSON list, or JSON lines; several files separated by commas, whose records are numbered in that order."
+        description="Training conversations: a LLaVA or ShareGPT JSON list, or JSON lines. Several files are "
+        "separated by commas, and their records are numbered in that order."
     )
     image_folder: str | None = Field(None, description="Folder that relative image paths in the data resolve against.")
     eval_data: str | None = Field(None, description="Held-out conversations for the MAL evaluation; none skips it.")
