@@ -58,6 +58,12 @@ class TrainingConfig(BaseModel):
     feature_loss_weight: float = Field(1.0, ge=0, description="Weight of the SmoothL1 feature loss.")
     ce_loss_weight: float = Field(0.1, ge=0, description="Weight of the soft cross-entropy against the target's logits.")
     noise: bool = Field(True, description="Add EAGLE's uniform noise to the input features.")
+    unroll_steps: int = Field(
+        1, ge=1, le=8,
+        description="Draft steps trained per position. With 1 the draft reads target features only, and k > 1 "
+        "also trains k - 1 steps on the draft's own predicted features, as drafting runs them (training-time "
+        "test). Costs about k(k + 1) / 2 draft passes per batch.",
+    )
     max_length: int = Field(2048, ge=8, description="Tokens per conversation (visual tokens included); longer ones are cut.")
 
     # Optimisation

@@ -41,13 +41,20 @@ from draft_models.training.data import Batch, ConversationDataset, Prompt, colla
 from draft_models.training.distributed import ProcessContext, wrap_for_training, write_weights_digest
 from draft_models.training.encoding import ConversationEncoder
 from draft_models.training.evaluation import METRICS_NAME, drop_metrics_after, evaluate_and_record
-from draft_models.training.losses import Teacher, TeacherForcedDraft, distillation_loss, draft_inputs
+from draft_models.training.losses import (
+    UNROLL_WEIGHT,
+    Teacher,
+    TeacherForcedDraft,
+    distillation_loss,
+    draft_inputs,
+    unrolled_embeds,
+)
 
 logger = logging.getLogger(__name__)
 
 FINAL_DRAFT_FOLDER = "draft"
 # Settings that must match for a resumed run to continue the same run.
-RESUME_SETTINGS = ("data", "batch_size", "grad_accum", "seed", "max_length", "noise", "world_size")
+RESUME_SETTINGS = ("data", "batch_size", "grad_accum", "seed", "max_length", "noise", "unroll_steps", "world_size")
 
 
 @dataclass
@@ -56,11 +63,12 @@ class StepStats:
     loss: float
     feature_loss: float
     ce_loss: float
-    accuracy: float  # draft top-1 == target top-1 on counted positions
+    accuracy: float  # draft top-1 == target top-1 on counted positions, first draft step
     lr: float
     num_tokens: int  # sequence tokens (visual included) through teacher and draft, all processes
     num_positions: int  # positions counted in the loss, all processes
     seconds: float = 0.0  # wall time of the step: data, teacher, draft, optimizer
+    unrolled_accuracy: list[float] = field(default_factory=list)  # the same for each unrolled step after the first
 
 
 def throughput(history: list[StepStats]) -> float:
@@ -189,34 +197,54 @@ class DraftTrainer:
         """Accumulate gradients over the micro-batches, clip, and take one optimizer step."""
         config = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        # Sums over counted positions of loss, feature loss, cross-entropy and accuracy, then
-        # the number of positions and of tokens: the logged numbers are per-position means.
-        totals = [0.0] * 6
+        unrolled = config.unroll_steps - 1
+        weights = [UNROLL_WEIGHT**step for step in range(config.unroll_steps)]
+        # Sums over the first step's counted positions of loss, feature loss, cross-entropy and
+        # accuracy, then the number of positions and of tokens, then for each unrolled step its
+        # accuracy sum and positions: the logged numbers are per-position means.
+        totals = [0.0] * (6 + 2 * unrolled)
         for number, batch in enumerate(group):
             teacher = self.teacher(batch)
             input_embeds, features = draft_inputs(teacher, config.noise)
             last = number == len(group) - 1
             no_sync = self.context.distributed and not last
             with self.model.no_sync() if no_sync else contextlib.nullcontext():
-                output, cost = self.model(input_embeds, features, *self._compressor_inputs(batch))
-                terms = distillation_loss(
-                    self.draft, output, teacher, self.target.decoder.logits, batch.assistant_mask,
-                    config.feature_loss_weight, config.ce_loss_weight,
+                output, cost, later = self.model(
+                    input_embeds, features, *self._compressor_inputs(batch),
+                    later_embeds=unrolled_embeds(teacher, config.unroll_steps),
                 )
-                ((terms.total + cost) / len(group)).backward()
-            values = (terms.total, terms.feature, terms.cross_entropy, terms.accuracy)
+                outputs = [output, *(later if later is not None else [])]
+                step_terms = [
+                    distillation_loss(
+                        self.draft, step_output, teacher, self.target.decoder.logits, batch.assistant_mask,
+                        config.feature_loss_weight, config.ce_loss_weight, step,
+                    )
+                    for step, step_output in enumerate(outputs)
+                ]
+                loss = sum(weight * terms.total for weight, terms in zip(weights, step_terms)) / sum(weights)
+                ((loss + cost) / len(group)).backward()
+            terms = step_terms[0]
+            values = (loss.detach(), terms.feature, terms.cross_entropy, terms.accuracy)
             for slot, value in enumerate(values):
                 totals[slot] += value.item() * terms.num_positions
             totals[4] += terms.num_positions
             totals[5] += batch.num_tokens
+            for offset, later_terms in enumerate(step_terms[1:]):
+                totals[6 + 2 * offset] += later_terms.accuracy.item() * later_terms.num_positions
+                totals[7 + 2 * offset] += later_terms.num_positions
         clip_gradients(self.draft, config.clip, config.clip_threshold)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
 
-        *sums, num_positions, num_tokens = self.context.sum(totals)
+        totals = self.context.sum(totals)
+        *sums, num_positions, num_tokens = totals[:6]
         means = [value / max(num_positions, 1) for value in sums]
-        return StepStats(self.position.step + 1, *means, lr=lr, num_tokens=int(num_tokens), num_positions=int(num_positions))
+        later_accuracy = [totals[slot] / max(totals[slot + 1], 1) for slot in range(6, len(totals), 2)]
+        return StepStats(
+            self.position.step + 1, *means, lr=lr, num_tokens=int(num_tokens), num_positions=int(num_positions),
+            unrolled_accuracy=later_accuracy,
+        )
 
     def _compressor_inputs(self, batch: Batch) -> tuple:
         """Return (visual rows, prompt text rows, images per row) for the compressor, or () without one."""
@@ -301,10 +329,11 @@ class DraftTrainer:
     def _log_step(self, recent: list[StepStats]) -> None:
         stats = recent[-1]
         if self.context.is_main:
+            unrolled = "".join(f"/{value:.3f}" for value in stats.unrolled_accuracy)
             logger.info(
-                "step %d/%d: loss %.4f (feature %.4f, ce %.4f), top-1 %.3f, lr %.2e, %.0f tokens/s",
+                "step %d/%d: loss %.4f (feature %.4f, ce %.4f), top-1 %.3f%s, lr %.2e, %.0f tokens/s",
                 stats.step, self.total_steps, stats.loss, stats.feature_loss, stats.ce_loss, stats.accuracy,
-                stats.lr, throughput(recent),
+                unrolled, stats.lr, throughput(recent),
             )
 
     def _all_skipped(self) -> dict[int, str]:

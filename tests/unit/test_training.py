@@ -24,11 +24,14 @@ from draft_models.training.losses import (
     NOISE_SCALE,
     Teacher,
     TeacherForcedDraft,
+    TeacherOutput,
     distillation_loss,
     draft_inputs,
     feature_noise,
     loss_positions,
+    unrolled_embeds,
 )
+from draft_models.llama_layers import AttentionMask
 from draft_models.training.components import DRAFT_DTYPE, build_draft
 from draft_models.training.trainer import DraftTrainer
 from server.cli import build_parser
@@ -194,6 +197,23 @@ def test_loss_positions_shift_by_two():
     assert loss_positions(mask).tolist() == [[False, True, True, False, False]]
 
 
+def test_loss_positions_of_unrolled_steps():
+    mask = torch.tensor([[False, False, False, True, True, False]])
+    # Unrolled step s at position i predicts token i + 2 + s.
+    assert loss_positions(mask, 1).tolist() == [[True, True, False, False, False]]
+    assert loss_positions(mask, 2).tolist() == [[True, False, False, False, False]]
+    assert not loss_positions(mask, 5).any()
+
+
+def test_unrolled_embeds_shift_left():
+    embeds = torch.arange(5.0)[None, :, None].expand(2, 5, 3)
+    later = unrolled_embeds(TeacherOutput(embeds, embeds), steps=3)
+    assert later.shape == (2, 2, 4, 3)
+    assert later[0, 0, :, 0].tolist() == [2.0, 3.0, 4.0, 0.0]  # step 1 reads e[i + 2]
+    assert later[1, 1, :, 0].tolist() == [3.0, 4.0, 0.0, 0.0]  # step 2 reads e[i + 3]
+    assert unrolled_embeds(TeacherOutput(embeds, embeds), steps=1) is None
+
+
 def test_feature_noise_range():
     features = torch.zeros(2, 256, 8)
     noise = feature_noise(features, seq_len=256)
@@ -255,6 +275,51 @@ def test_loss_without_answer_positions_is_zero_with_gradients(target, workspace)
     assert terms.num_positions == 0
     assert terms.total.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in draft.parameters())
+
+
+@pytest.mark.parametrize("variant", ["eagle", "fspad"])
+def test_unrolled_steps_match_drafting(target, workspace, variant):
+    """Unrolled step s at position i computes what drafting computes s levels past the context up to i."""
+    draft, batch, teacher = loss_setup(target, workspace, [TEXT_RECORD], variant=variant)
+    draft.bind_target(target.decoder.embed_tokens, target.decoder.lm_head)
+    input_embeds, features = draft_inputs(teacher, noise=False)
+    with torch.no_grad():
+        first, _, later = TeacherForcedDraft(draft)(input_embeds, features, later_embeds=unrolled_embeds(teacher, 3))
+    assert later.shape == (2, *first.shape)
+
+    position = 6  # context 0 .. 6 with target features, then two drafted levels along the data's tokens
+    cache = draft.make_cache(1, position + 3)
+    slot = torch.zeros(1, dtype=torch.long)
+
+    def run(embeds, feats, start, prefix, region):
+        mask = AttentionMask.build(slot, torch.tensor([start]), torch.tensor([prefix]), region[None])
+        positions = torch.arange(start, start + embeds.shape[1])[None]
+        with torch.no_grad():
+            return draft(embeds, feats, positions, cache, mask)
+
+    output = run(input_embeds[:, : position + 1], features[:, : position + 1], 0, 0, AttentionMask.causal(position + 1, "cpu"))
+    torch.testing.assert_close(output, first[:, : position + 1])
+    path = torch.ones(1, 0, dtype=torch.bool)
+    for level in range(2):
+        feature = draft.next_feature(output[:, -1:])
+        embeds = teacher.input_embeds[:, position + 2 + level : position + 3 + level]
+        path = torch.cat((path, torch.ones(1, 1, dtype=torch.bool)), dim=1)
+        output = run(embeds, feature, position + 1 + level, position + 1, path)
+        torch.testing.assert_close(output[:, 0], later[level, :, position], atol=1e-5, rtol=1e-4)
+
+
+def test_unrolled_steps_train(target, workspace, tmp_path):
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps([TEXT_RECORD]))
+    config = make_config(
+        workspace, tmp_path / "out", data=str(data), batch_size=1, max_steps=15, lr=3e-3, noise=False,
+        schedule="constant", clip="none", unroll_steps=3, variant="fspad",
+    )
+    history = DraftTrainer(config, target).run().history
+    losses = [step.loss for step in history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(len(step.unrolled_accuracy) == 2 for step in history)
+    assert history[-1].unrolled_accuracy[1] > history[0].unrolled_accuracy[1]
 
 
 @pytest.mark.parametrize("partial_alignment", [False, True])
