@@ -38,8 +38,8 @@ from draft_models.training.data import Batch
 # Uniform feature noise as in EAGLE's training code: (U - 0.5) * NOISE_SCALE * 512 / seq_len.
 NOISE_SCALE = 0.2
 NOISE_REFERENCE_LENGTH = 512
-# Weight of unrolled step s relative to step 0 is UNROLL_WEIGHT ** s (EAGLE-3 decays by 0.8 too):
-# an early step's acceptance gates every later one.
+# Unrolled step s weighs UNROLL_WEIGHT ** s relative to step 0. Later steps count less, because a
+# later draft token is only accepted when every earlier one was.
 UNROLL_WEIGHT = 0.8
 
 
@@ -120,11 +120,11 @@ class TeacherForcedDraft(nn.Module):
         fused = self.draft.fuse(input_embeds, features)
         compressor = self.draft.compressor
         if compressor is None or visual_rows is None or not bool(visual_rows.any()):
-            output = _decode_whole(self.draft, fused)
+            output = _decode_steps(self.draft, [fused])
             later = None if later_embeds is None else self._unroll(fused, output, later_embeds)
             return output, fused.new_zeros((), dtype=torch.float32), later
         if later_embeds is not None:
-            raise ValueError("unrolled training steps do not support a visual compressor yet; train with --unroll-steps 1")
+            raise ValueError("unrolled training steps do not support a visual compressor yet, so train with --unroll-steps 1")
 
         rows, sources, cost = [], [], fused.new_zeros((), dtype=torch.float32)
         for row in range(fused.shape[0]):
@@ -137,7 +137,7 @@ class TeacherForcedDraft(nn.Module):
             sources.append(compressed.source_index)
             cost = cost + compressed.cost
         padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-        output = _decode_whole(self.draft, padded)
+        output = _decode_steps(self.draft, [padded])
         index = torch.stack(sources)[:, :, None].expand(-1, -1, output.shape[-1])
         # Every compressor parameter joins the graph, so DDP reduces the primitives this batch skipped.
         unused = sum(parameter.sum() for parameter in compressor.parameters()) * 0.0
@@ -158,7 +158,8 @@ def _decode_steps(draft: EagleDraft, steps: list[torch.Tensor]) -> torch.Tensor:
     """Return the draft output for the last of the fused step inputs [batch, count, hidden].
 
     The steps run as one sequence, step after step. Step s at position i has rotary position
-    i + s and attends to step 0 causally and to steps 1 .. s at position i only.
+    i + s and attends to step 0 causally and to steps 1 .. s at position i only. A single
+    step is a plain causal pass over the sequence.
     """
     rows, count, _ = steps[0].shape
     device = steps[0].device
@@ -172,24 +173,13 @@ def _decode_steps(draft: EagleDraft, steps: list[torch.Tensor]) -> torch.Tensor:
         for key in range(1, query + 1):
             region[rows_of_query, key * count : (key + 1) * count] = diagonal
     total = num_steps * count
-    cache = draft.make_cache(rows, total)
+    cache = draft.make_cache(rows, total)  # fresh, because autograd must not chain steps through a reused cache
     zeros = torch.zeros(rows, dtype=torch.long, device=device)
     mask = AttentionMask.build(torch.arange(rows, device=device), zeros, zeros, region.expand(rows, total, total))
     positions = torch.arange(count, device=device)
     positions = torch.cat([positions + step for step in range(num_steps)]).expand(rows, total)
     output = draft.decode_fused(torch.cat(steps, dim=1), positions, cache, mask)
     return output[:, -count:]
-
-
-def _decode_whole(draft: EagleDraft, fused: torch.Tensor) -> torch.Tensor:
-    rows, count, _ = fused.shape
-    device = fused.device
-    cache = draft.make_cache(rows, count)  # fresh: autograd must not chain steps through a reused cache
-    zeros = torch.zeros(rows, dtype=torch.long, device=device)
-    causal = AttentionMask.causal(count, device).expand(rows, count, count)
-    mask = AttentionMask.build(torch.arange(rows, device=device), zeros, zeros, causal)
-    positions = torch.arange(count, device=device).expand(rows, count)
-    return draft.decode_fused(fused, positions, cache, mask)
 
 
 def feature_noise(features: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -212,7 +202,7 @@ def draft_inputs(teacher: TeacherOutput, noise: bool) -> tuple[torch.Tensor, tor
 def unrolled_embeds(teacher: TeacherOutput, steps: int) -> torch.Tensor | None:
     """Return e[i + 1 + s] for the unrolled steps s = 1 .. steps - 1 as [steps - 1, batch, max_len - 1, hidden].
 
-    Positions past the end are 0; no loss counts them. None when there is nothing to unroll.
+    Positions past the end are 0, and no loss counts them. Returns None when there is nothing to unroll.
     """
     if steps <= 1:
         return None
@@ -255,7 +245,7 @@ def distillation_loss(
         return LossTerms(zero, zero.detach(), zero.detach(), zero.detach(), 0)
 
     draft_out = output[counted]  # [n, output size]
-    next_features = teacher.features[:, 1 + step :]  # f[i + 1 + step]; shorter than `counted` by `step`
+    next_features = teacher.features[:, 1 + step :]  # f[i + 1 + step], `step` positions shorter than `counted`
     next_features = next_features[counted[:, : next_features.shape[1]]]  # [n, hidden], target dtype
     with torch.no_grad():
         target_probs = torch.softmax(target_logits(next_features), dim=-1)  # [n, vocab]

@@ -115,6 +115,11 @@ class DraftTrainer:
         self.eval_prompts = self._load_eval_prompts() if self.context.is_main else []
 
         self.draft = build_draft(config, target, self.context.device)
+        if config.unroll_steps > 1 and self.draft.compressor is not None:
+            raise ValueError(
+                f"--unroll-steps {config.unroll_steps} does not support a draft with a visual compressor yet; "
+                "train the compressor with --unroll-steps 1"
+            )
         self.model = wrap_for_training(TeacherForcedDraft(self.draft), self.context)
         self.teacher = Teacher(target, DRAFT_DTYPE)
         self.optimizer = build_optimizer(self.draft, config)
@@ -201,7 +206,7 @@ class DraftTrainer:
         weights = [UNROLL_WEIGHT**step for step in range(config.unroll_steps)]
         # Sums over the first step's counted positions of loss, feature loss, cross-entropy and
         # accuracy, then the number of positions and of tokens, then for each unrolled step its
-        # accuracy sum and positions: the logged numbers are per-position means.
+        # accuracy sum and positions. The logged numbers are per-position means.
         totals = [0.0] * (6 + 2 * unrolled)
         for number, batch in enumerate(group):
             teacher = self.teacher(batch)

@@ -291,11 +291,11 @@ def test_unrolled_steps_match_drafting(target, workspace, variant):
     cache = draft.make_cache(1, position + 3)
     slot = torch.zeros(1, dtype=torch.long)
 
-    def run(embeds, feats, start, prefix, region):
+    def run(embeds, step_features, start, prefix, region):
         mask = AttentionMask.build(slot, torch.tensor([start]), torch.tensor([prefix]), region[None])
         positions = torch.arange(start, start + embeds.shape[1])[None]
         with torch.no_grad():
-            return draft(embeds, feats, positions, cache, mask)
+            return draft(embeds, step_features, positions, cache, mask)
 
     output = run(input_embeds[:, : position + 1], features[:, : position + 1], 0, 0, AttentionMask.causal(position + 1, "cpu"))
     torch.testing.assert_close(output, first[:, : position + 1])
@@ -320,6 +320,12 @@ def test_unrolled_steps_train(target, workspace, tmp_path):
     assert losses[-1] < 0.5 * losses[0]
     assert all(len(step.unrolled_accuracy) == 2 for step in history)
     assert history[-1].unrolled_accuracy[1] > history[0].unrolled_accuracy[1]
+
+
+def test_unrolled_steps_reject_compressor(target, workspace, tmp_path):
+    config = make_config(workspace, tmp_path / "out", unroll_steps=2, compressor="select")
+    with pytest.raises(ValueError, match="--unroll-steps 2 does not support a draft with a visual compressor"):
+        DraftTrainer(config, target)
 
 
 @pytest.mark.parametrize("partial_alignment", [False, True])
